@@ -1,0 +1,260 @@
+"""The typed run config: YAML file + dotted `key=value` overrides, validated in one pass.
+
+Precedence (stated once, tested): dotted overrides > run YAML > defaults here. The DeepSpeed
+template under `ds_configs/` is resolved separately by `dsgpt.ds_config`.
+
+pydantic does the type checking (it is what DeepSpeed itself uses); this module turns its errors
+into one message that names every bad key, the value given, and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from dsgpt.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = "tiny"
+    out_dir: str = "runs"
+    seed: int = 1234
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+class ModelSection(Section):
+    preset: str = "tiny"
+    # None means: take the preset's value.
+    n_layer: Optional[int] = None
+    n_head: Optional[int] = None
+    n_embd: Optional[int] = None
+    block_size: Optional[int] = None
+    dropout: float = 0.0
+    bias: bool = True
+    activation_checkpointing: bool = False
+    # None means: the tokenizer's vocab size, padded up to a multiple of 64 for fast matmuls.
+    vocab_size: Optional[int] = None
+
+
+class DataSection(Section):
+    # "builtin" is the demo corpus shipped with every Python install, prepared on first use.
+    path: str = "builtin"
+    builtin_vocab_size: int = 2048
+
+
+class TrainSection(Section):
+    max_steps: int = 200
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    eval_interval: int = 50
+    eval_batches: int = 8
+    log_interval: int = 1
+    save_interval: int = 100
+    keep_last: int = 2
+    resume: str = "auto"  # auto | never | a checkpoint dir
+    init_from: Optional[str] = None  # a run dir or checkpoint dir to start a fine-tune from
+    early_stop_patience: int = 0  # evals without improvement before stopping; 0 = off
+    early_stop_min_delta: float = 0.0
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    max_nonfinite_steps: int = 10  # consecutive skipped steps before giving up
+    max_minutes: Optional[float] = None  # wall-clock budget: save and exit cleanly when spent
+    sample_interval: int = 0  # steps between text samples logged to TensorBoard; 0 = off
+    sample_tokens: int = 64
+
+    @model_validator(mode="after")
+    def _check(self):
+        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_interval",
+                    "eval_batches", "log_interval", "save_interval", "keep_last"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        return self
+
+
+class OptimSection(Section):
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+    schedule: Literal["cosine", "linear", "step", "exponential", "constant"] = "cosine"
+    warmup_steps: int = 0
+    decay_steps: Optional[int] = None  # None = train.max_steps - warmup
+    step_size: int = 100  # `step`: multiply by step_gamma every step_size steps
+    step_gamma: float = 0.1
+    exp_gamma: Optional[float] = None  # `exponential`: None = reach min_lr at the end
+
+
+class EvalSection(Section):
+    batch_size: Optional[int] = None  # None = train.micro_batch_size
+
+
+class DeepSpeedSection(Section):
+    config: str = "ds_configs/zero1.json"
+    zero_stage: Optional[int] = None  # None = the template's
+    steps_per_print: int = 0
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    optim: OptimSection = OptimSection()
+    eval: EvalSection = EvalSection()
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def _all_keys(model_cls=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model_cls.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_all_keys(ann, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def closest_key(key: str) -> Optional[str]:
+    keys = _all_keys()
+    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if match:
+        return match[0]
+    # Fall back to the last component, e.g. "train.lr" -> "optim.lr".
+    leaf = key.rsplit(".", 1)[-1]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in keys}
+    match = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+    return leaves[match[0]] if match else None
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override's value the way YAML would (`3e-4`, `true`, `null`, `[1, 2]`)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads "3e-4" as a string; users mean a number.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}."""
+    tree: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(
+                f"Could not read the override '{item}': overrides take the form key=value with a "
+                f"dotted key, e.g. train.max_steps=50 or optim.lr=3e-4."
+            )
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        node = tree
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"The override '{item}' sets inside '{part}', which is not a section.")
+            node = child
+        node[parts[-1]] = _parse_value(raw)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            hint = closest_key(key)
+            lines.append(f"  - unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
+        elif e["type"] == "literal_error":
+            lines.append(f"  - '{key}' = {e['input']!r}: {e['msg'].lower()}")
+        elif e["type"] == "value_error":
+            lines.append(f"  - {e['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  - '{key}' = {e['input']!r}: {e['msg'].lower()}")
+    return (
+        f"The run config from {source} has {len(lines)} problem(s):\n" + "\n".join(lines) +
+        "\nFix these keys in the YAML file or the key=value overrides; every valid key and its "
+        "default is listed in dsgpt/config.py."
+    )
+
+
+def build_config(data: dict, source: str = "the run config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise UserError(_format_errors(err, source)) from None
+
+
+def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> Config:
+    """Load a run YAML (or start from defaults), apply dotted overrides, validate."""
+    data: dict = {}
+    source = "defaults"
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(
+                f"The config file '{path}' does not exist. Pass an existing YAML file with "
+                f"--config, e.g. configs/tiny.yaml."
+            )
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"The config file '{path}' is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"The config file '{path}' must hold a mapping of sections, got {type(data).__name__}.")
+        source = f"'{path}'"
+        # A config named after its file is the natural default run name.
+        data.setdefault("run", {}).setdefault("name", p.stem)
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+        source += " with overrides " + " ".join(overrides)
+    return build_config(data, source)
+
+
+def resolve_path(path: str) -> Path:
+    """Config paths are relative to the working directory, or else to the repo (ds_configs/...)."""
+    p = Path(os.path.expanduser(path))
+    if p.is_absolute() or p.exists():
+        return p
+    in_repo = REPO_ROOT / p
+    return in_repo if in_repo.exists() else p
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    from dsgpt.io import atomic_write_text
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

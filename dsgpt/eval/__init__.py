@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and accuracy; more harnesses build on these."""

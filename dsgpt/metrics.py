@@ -1,0 +1,116 @@
+"""Where numbers go: TensorBoard, `metrics.jsonl` and the console, all from rank 0.
+
+Throughput figures use a stated formula. Model FLOPs per token = 6N + 12*L*H*Q*T (PaLM, appendix B:
+N non-embedding parameters, L layers, H heads, Q head dim, T sequence length; forward + backward,
+no recomputation counted). MFU = achieved model FLOP/s per rank / peak FLOP/s of one device. The
+GPU peak comes from a table keyed by device name and precision; a CPU's peak is measured here
+with a large matmul in the rank's own thread setting, since no table can know a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+# Dense peak FLOP/s per device (vendor figures, no sparsity). fp32 uses TF32 tensor cores where the
+# part has them, as torch does when allowed.
+GPU_PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
+    "A10G": {"bf16": 125e12, "fp16": 125e12, "fp32": 31e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30e12},
+    "V100": {"bf16": 0.0, "fp16": 125e12, "fp32": 15.7e12},
+    "T4": {"bf16": 0.0, "fp16": 65e12, "fp32": 8.1e12},
+}
+
+
+def gpu_peak_flops(device_name: str, precision: str) -> Optional[float]:
+    for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):  # "L40S" before "L4"
+        if key in device_name:
+            return GPU_PEAK_FLOPS[key].get(precision) or None
+    return None
+
+
+def measure_cpu_peak_flops(precision: str = "fp32", seconds: float = 0.3) -> float:
+    """Best observed matmul FLOP/s on this process's threads: the CPU's practical peak."""
+    import torch
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n = 512 if dtype == torch.float32 else 128  # bf16 matmul is emulated on most CPUs: keep it short
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b  # warm up
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        a @ b
+        dt = time.perf_counter() - t0
+        best = max(best, 2 * n ** 3 / max(dt, 1e-9))
+    return best
+
+
+def peak_flops(device_type: str, precision: str) -> Optional[float]:
+    if device_type == "cuda":
+        import torch
+        return gpu_peak_flops(torch.cuda.get_device_name(), precision)
+    return measure_cpu_peak_flops(precision)
+
+
+def memory_stats(device_type: str) -> dict:
+    if device_type == "cuda":
+        import torch
+        return {"mem/gpu_max_alloc_gb": torch.cuda.max_memory_allocated() / 2**30,
+                "mem/gpu_reserved_gb": torch.cuda.memory_reserved() / 2**30}
+    import psutil
+    return {"mem/rss_gb": psutil.Process().memory_info().rss / 2**30}
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks hold a logger that does nothing, so callers need no `if`."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        self.jsonl = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # Append: a resumed run continues the same file and the same TensorBoard curves.
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def log(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in scalars.items() if v is not None}
+        if self.writer:
+            for key, value in clean.items():
+                self.writer.add_scalar(key, value, step)
+        record = {"step": step, "time": time.time()}
+        record.update({k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()})
+        self.jsonl.write(json.dumps(record) + "\n")
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if self.enabled and self.writer:
+            self.writer.add_text(tag, text, step)
+
+    def hparams(self, hparams: dict, final: dict) -> None:
+        if self.enabled and self.writer:
+            flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+            self.writer.add_hparams(flat, final, run_name=".")
+
+    def flush(self) -> None:
+        if self.writer:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        if self.jsonl:
+            self.jsonl.close()

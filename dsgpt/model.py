@@ -1,0 +1,235 @@
+"""The GPT-2 model: config with presets, the network, its loss and its FLOP count.
+
+One file on purpose (after nanoGPT): everything about the network's shape lives here, and nothing
+about parallelism does, because DeepSpeed wraps the module from outside.
+
+Parameter names match Hugging Face's GPT2LMHeadModel exactly, so exporting is a transpose of the
+Linear weights (HF stores them as Conv1D, (in, out)); see dsgpt/hf.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from dsgpt.errors import UserError
+
+# Label value that the loss skips (prompt tokens in SFT, padding); the same as PyTorch's and HF's.
+IGNORE_INDEX = -100
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    block_size: int = 1024  # longest sequence the model can see (size of the position table)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
+    layer_norm_epsilon: float = 1e-5
+    activation_checkpointing: bool = False  # recompute each block in backward to save memory
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserError(f"model.{name} = {value!r} is invalid: it must be a positive integer.")
+        if self.n_embd % self.n_head != 0:
+            raise UserError(
+                f"model.n_embd = {self.n_embd} is not divisible by model.n_head = {self.n_head}: "
+                f"each head gets n_embd / n_head channels; pick n_head from the divisors of n_embd "
+                f"or change n_embd to a multiple of n_head."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout = {self.dropout!r} is invalid: it must be in [0, 1), e.g. 0.0 or 0.1.")
+        if not self.layer_norm_epsilon > 0:
+            raise UserError(
+                f"model.layer_norm_epsilon = {self.layer_norm_epsilon!r} is invalid: it must be > 0 (GPT-2 uses 1e-5)."
+            )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GPTConfig:
+        """The preset's shape, with any field replaced by ``overrides`` (e.g. vocab_size=...)."""
+        if name not in PRESETS:
+            raise UserError(f"unknown model preset {name!r}: valid presets are {', '.join(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+# Shapes only; vocab_size and the rest come from the defaults or the caller's overrides.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    "gpt2-350m": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
+    "gpt2-774m": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),
+    "gpt2-1.5b": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"; exact (erf) GELU would not match its weights
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+                ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias),
+            )
+        )
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # Tied input/output embeddings (GPT-2): one matrix, trained by both uses.
+        self.lm_head.weight = self.transformer.wte.weight
+
+        self.apply(self._init_weights)
+        # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layer)
+        # (two per block), so the stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; tied weights once. ``non_embedding`` subtracts only the position table:
+        the token table is also the output layer, so it does real work per token."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size) for the next token at every position."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise UserError(
+                f"input of {T} tokens is longer than the model's block_size {self.config.block_size}: "
+                f"crop it to the last {self.config.block_size} tokens, or use a shorter data sequence length."
+            )
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            if self.config.activation_checkpointing and self.training:
+                # Keep only each block's input; recompute its insides during backward.
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.lm_head(self.transformer.ln_f(x))
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross entropy over positions whose label is not -100, and how many there were.
+
+    ``labels`` are aligned with ``logits`` (the caller shifts them). A sum, not a mean, so the trainer
+    can divide by the token count of the whole optimizer step: every target token then weighs the
+    same whatever the split into micro-batches and ranks. Computed in fp32 (bf16 logits lose the tail).
+    """
+    loss_sum = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    n_tokens = (labels != IGNORE_INDEX).sum()
+    return loss_sum, n_tokens
+
+
+def _num_params_non_embedding(cfg: GPTConfig) -> int:
+    """What GPT(cfg).num_params(non_embedding=True) returns, by arithmetic (no allocation)."""
+    E, b = cfg.n_embd, int(cfg.bias)
+    layer_norm = E + b * E
+    attn = (E * 3 * E + b * 3 * E) + (E * E + b * E)
+    mlp = (E * 4 * E + b * 4 * E) + (4 * E * E + b * E)
+    per_block = 2 * layer_norm + attn + mlp
+    return cfg.vocab_size * E + cfg.n_layer * per_block + layer_norm  # wte (also lm_head) + blocks + ln_f
+
+
+def flops_per_token(cfg: GPTConfig) -> float:
+    """Training FLOPs per token, forward + backward: 6*N + 12*L*H*Q*T (PaLM, appendix B).
+
+    N = non-embedding parameters (as ``GPT.num_params(non_embedding=True)``: the tied token table is
+    counted because it is also the output matmul), L = n_layer, H = n_head, Q = head dim,
+    T = block_size. 6N is the weight matmuls (2 forward, 4 backward per parameter); 12*L*H*Q*T is
+    attention's QK^T and AV over a full context. Used for MFU.
+    """
+    N = _num_params_non_embedding(cfg)
+    L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.block_size
+    return float(6 * N + 12 * L * H * Q * T)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer groups: decay matrices and embeddings (dim >= 2), not biases or LayerNorm.
+
+    named_parameters() yields a tied tensor once, so wte/lm_head appears in exactly one group.
+    """
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]  # an empty group upsets some optimizers

@@ -1,0 +1,172 @@
+"""Reading a run's checkpoints without an engine: which tag `latest`/`best` name, the state dsgpt
+saved beside DeepSpeed's files, and the full model weights from any ZeRO stage.
+
+Layout of `runs/NAME/checkpoints/`:
+    step0000010/            one DeepSpeed tag: model + optimizer + scheduler shards
+        dsgpt_state.json    step, model/data fingerprint, eval and early-stop state (rank 0)
+        rng_rank00000.pt    each rank's RNG states (DeepSpeed does not save them)
+    latest                  the tag to resume from; moved only after every rank finished writing
+    best                    the tag with the lowest validation loss, kept out of pruning
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dsgpt.errors import UserError
+
+TAG_RE = re.compile(r"^step(\d{7,})$")
+STATE_FILE = "dsgpt_state.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:07d}"
+
+
+def list_tags(ckpt_dir: Path) -> list[str]:
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name)]
+    return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
+
+
+def read_pointer(ckpt_dir: Path, name: str = "latest") -> Optional[str]:
+    """The tag named by `latest` (or `best`), checked to be a complete checkpoint."""
+    pointer = ckpt_dir / name
+    if not pointer.exists():
+        return None
+    tag = pointer.read_text().strip()
+    if not TAG_RE.match(tag) or not (ckpt_dir / tag / STATE_FILE).is_file():
+        found = ", ".join(list_tags(ckpt_dir)) or "none"
+        raise UserError(
+            f"The checkpoint pointer '{pointer}' is corrupt: it names {tag[:60]!r}, which is not a "
+            f"complete checkpoint in that folder (checkpoints found: {found}). Point train.resume to "
+            f"one of them (e.g. train.resume={ckpt_dir / (list_tags(ckpt_dir) or ['stepNNNNNNN'])[-1]}), "
+            f"or write its name into '{pointer}'."
+        )
+    return tag
+
+
+def read_state(tag_dir: Path) -> dict:
+    try:
+        return json.loads((tag_dir / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(
+            f"The checkpoint '{tag_dir}' is incomplete or corrupt ({err}). Resume from another "
+            f"checkpoint with train.resume=PATH, or delete this one."
+        ) from None
+
+
+def locate(resume: str, ckpt_dir: Path) -> Optional[tuple[Path, str]]:
+    """Where to resume from: (checkpoints dir, tag), or None for a fresh start.
+
+    `auto` continues this run's `latest` if there is one; an explicit path must hold a checkpoint:
+    a tag dir, a checkpoints dir with `latest`, or a run dir.
+    """
+    if resume == "never":
+        return None
+    if resume == "auto":
+        tag = read_pointer(ckpt_dir)
+        return (ckpt_dir, tag) if tag else None
+    return locate_path(Path(resume), "train.resume")
+
+
+def locate_path(path: Path, key: str) -> tuple[Path, str]:
+    if (path / STATE_FILE).is_file():
+        return path.parent, path.name
+    for candidate in (path, path / "checkpoints"):
+        tag = read_pointer(candidate) if candidate.is_dir() else None
+        if tag:
+            return candidate, tag
+    raise UserError(
+        f"{key}={path} holds no checkpoint: expected a checkpoint folder (with {STATE_FILE}), a "
+        f"checkpoints folder with a 'latest' file, or a run folder. Check the path, or set "
+        f"train.resume=auto to continue this run's own checkpoints (a fresh start when none exist)."
+    )
+
+
+def check_compatible(saved: dict, fingerprint: dict, where: Path) -> None:
+    """Refuse to continue a run whose model shape or data differ from this config."""
+    problems = []
+    for key in ("model", "data_sha256"):
+        if saved.get(key) != fingerprint.get(key):
+            problems.append(f"{key}: checkpoint has {saved.get(key)}, this config gives {fingerprint.get(key)}")
+    if problems:
+        raise UserError(
+            f"The checkpoint in '{where}' belongs to a different run: " + "; ".join(problems) +
+            ". Resuming would load weights into the wrong shape or continue on other data. Choose a "
+            "new run.name (or run.out_dir) for this config, or set train.resume=never after moving "
+            "the old checkpoints away."
+        )
+
+
+def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict:
+    """Full fp32 model weights from a checkpoint of any ZeRO stage, on CPU, in one process."""
+    tag_dir = ckpt_dir / tag
+    states = sorted(tag_dir.glob("*model_states.pt"))
+    if not states:
+        raise UserError(f"The checkpoint '{tag_dir}' has no model states file; it is incomplete. "
+                        f"Use another checkpoint.")
+    first = torch.load(states[0], map_location="cpu", weights_only=False)
+    stage = int((first.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
+    if stage == 0:
+        sd = first["module"]  # complete on every rank without ZeRO
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    return {k: v.float() for k, v in sd.items()}
+
+
+def cache_dir() -> Path:
+    import os
+    return Path(os.environ.get("DSGPT_CACHE", Path.home() / ".cache" / "dsgpt"))
+
+
+def data_dir(data_path: str, builtin_vocab_size: int) -> Path:
+    """Where a config's data lives; `builtin` maps to a per-vocab folder in the cache."""
+    from dsgpt.config import resolve_path
+    from dsgpt.data.builtin import BUILTIN
+    if data_path == BUILTIN:
+        return cache_dir() / f"builtin-v{builtin_vocab_size}"
+    return resolve_path(data_path)
+
+
+def load_model(run_dir, which: str = "latest"):
+    """A trained model from a run dir, in one process on CPU, in eval mode.
+
+    `which` is `latest`, `best` or a tag name. Returns (model, run config, tag).
+    """
+    from dsgpt.config import load_config
+    from dsgpt.model import GPT, GPTConfig
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"'{run_dir}' is not a run dir (no config.yaml). Pass --run runs/NAME of a run "
+                        f"that launch/train.py wrote.")
+    cfg = load_config(str(run_dir / "config.yaml"))
+    ckpt_dir = run_dir / "checkpoints"
+    tag = read_pointer(ckpt_dir, which) if which in ("latest", "best") else which
+    if not tag or not (ckpt_dir / tag / STATE_FILE).is_file():
+        found = ", ".join(list_tags(ckpt_dir)) or "none"
+        raise UserError(f"The run '{run_dir}' has no '{which}' checkpoint (checkpoints found: {found}). "
+                        f"Train it first, or pick one of the checkpoints listed.")
+    shape = read_state(ckpt_dir / tag)["model"]
+    model = GPT(GPTConfig(**shape, bias=cfg.model.bias, dropout=0.0))
+    sd = consolidated_state_dict(ckpt_dir, tag)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    # The output layer is tied to the embedding; ZeRO's consolidation may store it once.
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise UserError(f"The checkpoint '{ckpt_dir / tag}' does not match its model: missing {missing}, "
+                        f"unexpected {unexpected}. It may come from another version of dsgpt.")
+    model.lm_head.weight = model.transformer.wte.weight
+    return model.eval(), cfg, tag
+
+
+def load_tokenizer_for(cfg):
+    from dsgpt.data.tokenizer import load_tokenizer
+    return load_tokenizer(data_dir(cfg.data.path, cfg.data.builtin_vocab_size))

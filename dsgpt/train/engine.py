@@ -1,0 +1,69 @@
+"""Build the DeepSpeed engine: optimizer with decoupled weight decay, schedule, initialize."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dsgpt.config import Config
+from dsgpt.model import param_groups
+from dsgpt.train.schedules import build_scheduler
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that clips, records the gradient norm and skips non-finite steps by itself.
+
+    DeepSpeed hands the raw optimizer the gradients only under ZeRO 0 in fp32; there it neither
+    records the norm nor checks for inf/NaN (its ZeRO, bf16 and fp16 optimizers do both). The
+    engine reads `overflow` and `_global_grad_norm` from whatever optimizer it holds.
+    """
+
+    def __init__(self, params, clip: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.clip = clip
+        self.overflow = False
+        self._global_grad_norm = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(grads, self.clip if self.clip > 0 else math.inf)
+        self._global_grad_norm = float(norm)
+        self.overflow = not math.isfinite(self._global_grad_norm)
+        if self.overflow:
+            self.zero_grad(set_to_none=True)
+            return None
+        return super().step(closure)
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    off = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return off.get("device") in ("cpu", "nvme")
+
+
+def build_optimizer(model, cfg: Config, ds_config: dict, on_gpu: bool):
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    if offloads_optimizer(ds_config):
+        # ZeRO-Offload steps the optimizer on the CPU; DeepSpeed requires its own CPU Adam there.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if stage == 0 and cfg.precision == "fp32":
+        return GuardedAdamW(groups, clip=o.grad_clip, **kwargs)
+    return torch.optim.AdamW(groups, fused=on_gpu, **kwargs)
+
+
+def build_engine(model, cfg: Config, ds_config: dict, on_gpu: bool):
+    """Returns (engine, ds_config as passed to DeepSpeed)."""
+    import deepspeed
+    optimizer = build_optimizer(model, cfg, ds_config, on_gpu)
+    if isinstance(optimizer, GuardedAdamW):
+        ds_config = dict(ds_config, gradient_clipping=0.0)  # GuardedAdamW clips itself
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps),
+    )
+    return engine, ds_config

@@ -1,0 +1,57 @@
+"""The checks and lookups a run makes before it builds anything: precision vs device, the data,
+the model's shape, and the fingerprint that ties checkpoints to a model shape and a corpus."""
+
+from __future__ import annotations
+
+from dsgpt import dist
+from dsgpt.config import Config
+from dsgpt.errors import UserError
+from dsgpt.runs import data_dir
+
+
+def check_precision(cfg: Config) -> None:
+    if cfg.precision == "fp16" and not dist.gpu_available():
+        raise UserError(
+            "precision=fp16 needs a CUDA GPU, and none is visible here (DeepSpeed's CPU backend "
+            "refuses fp16). Use precision=bf16 (mixed precision on CPU) or precision=fp32 (the CPU "
+            "default), or run on a GPU machine."
+        )
+
+
+def open_data(cfg: Config):
+    """The token data; the built-in corpus is prepared on first use by one process, others wait."""
+    from dsgpt.data.builtin import BUILTIN, ensure_builtin
+    from dsgpt.data.dataset import TokenData
+    path = data_dir(cfg.data.path, cfg.data.builtin_vocab_size)
+    if cfg.data.path == BUILTIN:
+        ensure_builtin(path, cfg.data.builtin_vocab_size)
+    block_size = model_config(cfg, vocab_size=None).block_size
+    return TokenData(path, block_size=block_size, seed=cfg.run.seed)
+
+
+def model_config(cfg: Config, vocab_size):
+    """The model's shape: preset, then explicit model.* keys; vocab from the data unless set."""
+    from dsgpt.model import GPTConfig
+    m = cfg.model
+    overrides = {k: getattr(m, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(m, k) is not None}
+    overrides.update(dropout=m.dropout, bias=m.bias, activation_checkpointing=m.activation_checkpointing)
+    if vocab_size is not None:
+        if m.vocab_size is not None:
+            if m.vocab_size < vocab_size:
+                raise UserError(
+                    f"model.vocab_size={m.vocab_size} is smaller than the vocabulary of the data in "
+                    f"'{cfg.data.path}' ({vocab_size} tokens): the model could not embed every token. "
+                    f"Set model.vocab_size to at least {vocab_size} (or leave it unset to follow the "
+                    f"data), or prepare the data with a smaller --vocab-size."
+                )
+            overrides["vocab_size"] = m.vocab_size
+        else:
+            overrides["vocab_size"] = -(-vocab_size // 64) * 64  # pad to a multiple of 64: faster matmuls
+    return GPTConfig.from_preset(m.preset, **overrides)
+
+
+def fingerprint(mcfg, data) -> dict:
+    return {
+        "model": {k: getattr(mcfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")},
+        "data_sha256": data.meta.get("data_sha256"),
+    }

@@ -1,0 +1,26 @@
+"""Stop requests from outside: SIGUSR1 (Slurm's warning before a time limit or preemption) and
+SIGTERM. The handler only sets a flag; the training loop polls it and all ranks agree on a stop
+through one collective, so no rank leaves the others hanging in the next all-reduce."""
+
+from __future__ import annotations
+
+import signal
+
+_requested: list[str] = []
+
+
+def _handler(signum, frame):
+    _requested.append(signal.Signals(signum).name)
+
+
+def install() -> None:
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, _handler)
+
+
+def stop_requested() -> bool:
+    return bool(_requested)
+
+
+def reason() -> str:
+    return _requested[0] if _requested else ""

@@ -1,0 +1,186 @@
+"""Read prepared token shards: stateless train batches and fixed validation windows.
+
+The train batch of a step is a pure function of (seed, step): the window starts of the whole
+global batch come from `np.random.default_rng([seed, step])`, and each rank takes a contiguous
+slice of them, cut into consecutive micro-batches. So a resumed run sees exactly the batches it
+would have seen, and the same step gives the same sequences whatever the split into ranks and
+micro-steps (2 ranks x micro 4 == 1 rank x micro 8 == 1 rank x micro 4 x GAS 2).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from dsgpt.data.prepare import FORMAT_VERSION
+from dsgpt.errors import UserError
+
+_PREPARE_HINT = "run `dsgpt prepare --input FILES --out {path} --vocab-size N` to create it"
+
+
+class _Stream:
+    """One split's shards seen as one long array of tokens (windows may cross shard ends)."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+        self.ends = np.cumsum([len(a) for a in arrays], dtype=np.int64)
+        self.starts = self.ends - np.array([len(a) for a in arrays], dtype=np.int64)
+        self.n_tokens = int(self.ends[-1]) if arrays else 0
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """int64 [len(starts), length]: the tokens at [s, s + length) for each start s."""
+        out = np.empty((len(starts), length), dtype=np.int64)
+        for row, start in enumerate(starts.tolist()):
+            filled = 0
+            shard = int(np.searchsorted(self.ends, start, side="right"))
+            while filled < length:
+                offset = start + filled - int(self.starts[shard])
+                piece = self.arrays[shard][offset : offset + length - filled]
+                out[row, filled : filled + len(piece)] = piece
+                filled += len(piece)
+                shard += 1
+        return out
+
+
+class TokenData:
+    """A prepared data directory (see dsgpt.data.prepare) opened for training.
+
+    Attributes: path, meta, vocab_size, eos_id, block_size, seed, n_train_tokens, n_val_tokens.
+    """
+
+    def __init__(self, path, block_size: int, seed: int):
+        self.path = Path(path).expanduser()
+        self.block_size = int(block_size)
+        self.seed = int(seed)
+        if self.block_size < 1:
+            raise UserError(f"block_size {block_size!r} must be a positive number of tokens.")
+        if self.seed < 0:
+            raise UserError(f"The data seed {seed!r} must be a non-negative integer.")
+        self.meta = self._read_meta()
+        self.vocab_size = int(self.meta["vocab_size"])
+        self.eos_id = int(self.meta["eos_id"])
+        self.data_sha256 = self.meta.get("data_sha256")
+        self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        self.train = _Stream(self._open("train"))
+        self.val = _Stream(self._open("val"))
+        self.n_train_tokens, self.n_val_tokens = self.train.n_tokens, self.val.n_tokens
+        for split, stream in (("train", self.train), ("val", self.val)):
+            if stream.n_tokens == 0:
+                raise UserError(
+                    f"The {split} split of {self.path} holds no tokens. Prepare it again from more "
+                    "than one document (" + _PREPARE_HINT.format(path=self.path) + ")."
+                )
+            if stream.n_tokens < self.block_size + 1:
+                raise UserError(
+                    f"The {split} split of {self.path} has {stream.n_tokens} tokens, fewer than "
+                    f"block_size + 1 = {self.block_size + 1} needed for one training window. Use a "
+                    "smaller model block_size, or prepare more text (a larger --val-fraction for val)."
+                )
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.json"
+
+    def _read_meta(self) -> dict:
+        hint = _PREPARE_HINT.format(path=self.path)
+        if not self.path.is_dir():
+            raise UserError(f"Data directory {self.path} does not exist: {hint}, or fix the data path.")
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise UserError(
+                f"{self.path} has no meta.json, so it is not a prepared dsgpt data directory: {hint}."
+            )
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise UserError(f"{meta_path} is not valid JSON ({err}): {hint} again (with --overwrite).") from None
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise UserError(
+                f"{meta_path} has format_version {meta.get('format_version')!r}; this dsgpt reads "
+                f"version {FORMAT_VERSION}: {hint} again (with --overwrite)."
+            )
+        return meta
+
+    def _open(self, split: str) -> list[np.ndarray]:
+        arrays = []
+        for shard in self.meta[f"{split}_shards"]:
+            file = self.path / shard["file"]
+            expected = int(shard["n_tokens"]) * self.dtype.itemsize
+            size = file.stat().st_size if file.is_file() else None
+            if size != expected:
+                raise UserError(
+                    f"Shard {file} is {'missing' if size is None else f'{size} bytes'}, but meta.json "
+                    f"says {expected} bytes: the data directory is damaged. "
+                    + _PREPARE_HINT.format(path=self.path) + " again (with --overwrite)."
+                )
+            if expected:
+                arrays.append(np.memmap(file, dtype=self.dtype, mode="r"))
+        return arrays
+
+    # ---- training -------------------------------------------------------------------------
+
+    def global_starts(self, step: int, n: int) -> np.ndarray:
+        """The `n` window starts of step `step`'s global batch: a pure function of (seed, step)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        rng = np.random.default_rng([self.seed, int(step)])
+        # high is exclusive, so start + block_size + 1 <= n_train_tokens.
+        return rng.integers(0, self.train.n_tokens - self.block_size, size=n, dtype=np.int64)
+
+    def train_micro_batches(
+        self, step: int, rank: int, world: int, micro_batch_size: int, grad_accum_steps: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's `grad_accum_steps` micro-batches of step `step`, each (x, y) int64
+        [micro_batch_size, block_size] with y = x shifted by one token.
+
+        The global batch has micro * gas * world sequences; rank r owns the contiguous slice
+        [r * micro * gas, (r + 1) * micro * gas), and its micro-step i is piece i of that slice."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
+        if micro_batch_size < 1 or grad_accum_steps < 1:
+            raise ValueError("micro_batch_size and grad_accum_steps must be >= 1")
+        per_rank = micro_batch_size * grad_accum_steps
+        starts = self.global_starts(step, per_rank * world)[rank * per_rank : (rank + 1) * per_rank]
+        tokens = self.train.windows(starts, self.block_size + 1)
+        return [
+            _pair(tokens[i * micro_batch_size : (i + 1) * micro_batch_size])
+            for i in range(grad_accum_steps)
+        ]
+
+    # ---- validation -----------------------------------------------------------------------
+
+    def val_starts(self, n_windows: int) -> np.ndarray:
+        """Starts of up to `n_windows` fixed validation windows (at least one): evenly spaced
+        over the val split, non-overlapping in the tokens they predict."""
+        available = (self.val.n_tokens - 1) // self.block_size  # windows at multiples of block_size
+        count = max(1, min(int(n_windows), available))
+        stride = available // count
+        return np.arange(count, dtype=np.int64) * stride * self.block_size
+
+    def val_batches(
+        self, n_batches: int, batch_size: int, rank: int, world: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of the fixed validation windows, as (x, y) batches of up to
+        `batch_size` (the last may be smaller).
+
+        The window set depends only on the val split, block_size and n_batches * batch_size *
+        world (fewer windows if val is small, always at least one). It is split into `world`
+        contiguous parts whose sizes differ by at most one, so ranks may get a different number
+        of batches, possibly none: sum loss and token counts per rank and all-reduce the sums
+        instead of averaging per batch, and do no collective call per batch."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
+        if n_batches < 1 or batch_size < 1:
+            raise ValueError("n_batches and batch_size must be >= 1")
+        starts = np.array_split(self.val_starts(n_batches * batch_size * world), world)[rank]
+        for i in range(0, len(starts), batch_size):
+            yield _pair(self.val.windows(starts[i : i + batch_size], self.block_size + 1))
+
+
+def _pair(tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.from_numpy(tokens)
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()

@@ -153,11 +153,15 @@ class TokenData:
 
     # ---- validation -----------------------------------------------------------------------
 
-    def val_starts(self, n_windows: int) -> np.ndarray:
-        """Starts of up to `n_windows` fixed validation windows (at least one): evenly spaced
-        over the val split, non-overlapping in the tokens they predict."""
+    def val_starts(self, n_windows: int, multiple_of: int = 1) -> np.ndarray:
+        """Starts of the fixed validation windows: up to `n_windows` (at least `multiple_of`),
+        a multiple of `multiple_of`, evenly spaced over the val split. They do not overlap
+        unless the split is too short to give every rank a window of its own."""
         available = (self.val.n_tokens - 1) // self.block_size  # windows at multiples of block_size
-        count = max(1, min(int(n_windows), available))
+        count = max(1, min(int(n_windows), available)) // multiple_of * multiple_of
+        if count == 0:  # fewer whole windows than ranks: let them overlap instead
+            last = self.val.n_tokens - self.block_size - 1
+            return np.linspace(0, last, multiple_of).astype(np.int64)
         stride = available // count
         return np.arange(count, dtype=np.int64) * stride * self.block_size
 
@@ -168,15 +172,14 @@ class TokenData:
         `batch_size` (the last may be smaller).
 
         The window set depends only on the val split, block_size and n_batches * batch_size *
-        world (fewer windows if val is small, always at least one). It is split into `world`
-        contiguous parts whose sizes differ by at most one, so ranks may get a different number
-        of batches, possibly none: sum loss and token counts per rank and all-reduce the sums
-        instead of averaging per batch, and do no collective call per batch."""
+        world (fewer windows if val is small). Every rank gets the same number of windows and
+        so the same number of batches: under ZeRO-3 each forward is a collective, and a rank
+        with one batch more than the others would wait for them forever."""
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in [0, {world})")
         if n_batches < 1 or batch_size < 1:
             raise ValueError("n_batches and batch_size must be >= 1")
-        starts = np.array_split(self.val_starts(n_batches * batch_size * world), world)[rank]
+        starts = np.split(self.val_starts(n_batches * batch_size * world, multiple_of=world), world)[rank]
         for i in range(0, len(starts), batch_size):
             yield _pair(self.val.windows(starts[i : i + batch_size], self.block_size + 1))
 

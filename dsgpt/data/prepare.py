@@ -251,7 +251,7 @@ def _encode_all(documents, tok, eos, writers, val_fraction, seed, progress) -> d
             "The inputs hold no documents (all files or records were empty). Check --input and, "
             "for JSONL/parquet/datasets, that --text-field names the column with the text."
         )
-    index, ids = pending
+    _, ids = pending
     train, val = writers["train"], writers["val"]
     split = "by_document"
     if n_docs == 1:

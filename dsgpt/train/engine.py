@@ -67,3 +67,28 @@ def build_engine(model, cfg: Config, ds_config: dict, on_gpu: bool):
         lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps),
     )
     return engine, ds_config
+
+
+def describe_engine(engine) -> dict:
+    """What DeepSpeed actually built: the facts a test or a log line should check, not assume."""
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)  # ZeRO / bf16 wrappers hold the torch optimizer here
+    state_bytes = 0
+    for per_param in getattr(inner, "state", {}).values():
+        for value in per_param.values():
+            if torch.is_tensor(value) and value.dim() > 0:
+                state_bytes += value.numel() * value.element_size()
+    first = next(engine.module.parameters())
+    return {
+        "zero_stage": engine.zero_optimization_stage(),
+        "param_dtype": str(getattr(first, "ds_tensor", first).dtype).replace("torch.", ""),
+        "bf16": engine.bfloat16_enabled(),
+        "fp16": engine.fp16_enabled(),
+        "offload_optimizer": bool(engine.zero_cpu_offload()),
+        "optimizer": type(inner).__name__,
+        "wrapper": type(opt).__name__,
+        "optimizer_state_bytes": state_bytes,
+        "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
+        "train_batch_size": engine.train_batch_size(),
+        "world_size": engine.world_size,
+    }

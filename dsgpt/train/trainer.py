@@ -42,6 +42,7 @@ class RunSummary:
     losses: dict  # step -> train loss (this process's steps)
     val_loss: Optional[float]
     best_val_loss: Optional[float]
+    engine: dict  # describe_engine(): what DeepSpeed actually built
 
 
 def _due(step: int, interval: int) -> bool:
@@ -73,7 +74,7 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
     from dsgpt.ds_config import resolve_ds_config
     from dsgpt.metrics import MetricsLogger, memory_stats, peak_flops
     from dsgpt.model import GPT, flops_per_token
-    from dsgpt.train.engine import build_engine
+    from dsgpt.train.engine import build_engine, describe_engine
     from dsgpt.eval.perplexity import evaluate
     from dsgpt.train.step import train_step
 
@@ -104,6 +105,12 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
     model = GPT(mcfg)
     engine, ds_config = build_engine(model, cfg, ds_config, ctx.on_gpu)
     device = ctx.device
+    engine_facts = describe_engine(engine)
+    if ctx.is_main:
+        _console(f"engine: ZeRO {engine_facts['zero_stage']}, {engine_facts['param_dtype']} parameters, "
+                 f"{engine_facts['optimizer']}{' (optimizer offloaded to CPU)' if engine_facts['offload_optimizer'] else ''}, "
+                 f"{ctx.world_size} rank(s) on {ctx.device_type} ({ctx.backend}), "
+                 f"global batch {engine_facts['train_batch_size']} x {mcfg.block_size} tokens")
 
     state = RunState()
     if resume_from:
@@ -153,6 +160,7 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
     engine.train()
     try:
         for step in range(first_step, t.max_steps + 1):
+            lr = engine.get_lr()[0]  # the lr this step uses; the step advances the schedule
             t0 = time.perf_counter()
             micro = data.train_micro_batches(step - 1, ctx.rank, ctx.world_size, t.micro_batch_size,
                                              t.grad_accum_steps)
@@ -178,7 +186,7 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
                 tok_s = tokens_per_step / dt
                 grad_norm = engine.get_global_grad_norm()
                 scalars = {
-                    "train/loss": res.loss, "train/lr": engine.get_lr()[0],
+                    "train/loss": res.loss, "train/lr": lr,
                     "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "train/tokens_per_sec": tok_s, "train/step_time": dt,
                     "train/mfu": flops_tok * tok_s / (peak * ctx.world_size) if peak else None,
@@ -235,7 +243,8 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
     log.close()
     dist.barrier()
     return RunSummary(run_dir=run_dir, first_step=first_step, last_step=state.step, stop_reason=stop_reason,
-                      losses=losses, val_loss=state.val_loss, best_val_loss=state.best_val_loss)
+                      losses=losses, val_loss=state.val_loss, best_val_loss=state.best_val_loss,
+                      engine=describe_engine(engine))  # after training: optimizer state exists now
 
 
 class _NonFinite(Exception):

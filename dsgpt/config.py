@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dsgpt.errors import UserError
 
@@ -23,7 +23,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # coerce_numbers_to_str: `run.name=42` (YAML reads an int) is a valid name, not a type error.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class RunConfig(Section):
@@ -57,14 +58,15 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
-    max_steps: int = 200
-    micro_batch_size: int = 8
-    grad_accum_steps: int = 1
-    eval_interval: int = 50
-    eval_batches: int = 8
-    log_interval: int = 1
-    save_interval: int = 100
-    keep_last: int = 2
+    # ge=1 as field constraints (not one validator) so every bad key is reported, not the first.
+    max_steps: int = Field(200, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    eval_interval: int = Field(50, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    log_interval: int = Field(1, ge=1)
+    save_interval: int = Field(100, ge=1)
+    keep_last: int = Field(2, ge=1)
     resume: str = "auto"  # auto | never | a checkpoint dir
     init_from: Optional[str] = None  # a run dir or checkpoint dir to start a fine-tune from
     early_stop_patience: int = 0  # evals without improvement before stopping; 0 = off
@@ -74,14 +76,6 @@ class TrainSection(Section):
     max_minutes: Optional[float] = None  # wall-clock budget: save and exit cleanly when spent
     sample_interval: int = 0  # steps between text samples logged to TensorBoard; 0 = off
     sample_tokens: int = 64
-
-    @model_validator(mode="after")
-    def _check(self):
-        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_interval",
-                    "eval_batches", "log_interval", "save_interval", "keep_last"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        return self
 
 
 class OptimSection(Section):
@@ -93,11 +87,20 @@ class OptimSection(Section):
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
     schedule: Literal["cosine", "linear", "step", "exponential", "constant"] = "cosine"
-    warmup_steps: int = 0
+    warmup_steps: int = Field(0, ge=0)
     decay_steps: Optional[int] = None  # None = train.max_steps - warmup
-    step_size: int = 100  # `step`: multiply by step_gamma every step_size steps
+    step_size: int = Field(100, ge=1)  # `step`: multiply by step_gamma every step_size steps
     step_gamma: float = 0.1
     exp_gamma: Optional[float] = None  # `exponential`: None = reach min_lr at the end
+
+    @model_validator(mode="after")
+    def _check(self):
+        # Exponential decay never reaches 0: the closed form would drop the lr to 0 after one step.
+        if self.schedule == "exponential" and self.exp_gamma is None and self.min_lr <= 0:
+            raise ValueError(
+                f"optim.schedule=exponential decays to optim.min_lr, which must then be > 0 (got "
+                f"{self.min_lr}); set optim.min_lr > 0 or give optim.exp_gamma")
+        return self
 
 
 class EvalSection(Section):
@@ -135,16 +138,30 @@ def _all_keys(model_cls=Config, prefix: str = "") -> list[str]:
     return keys
 
 
+# Names other trainers use for a key (HF Trainer, nanoGPT), by last component.
+_ALIASES = {"learning_rate": "lr", "max_iters": "max_steps", "max_grad_norm": "grad_clip"}
+
+
 def closest_key(key: str) -> Optional[str]:
-    keys = _all_keys()
-    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
-    if match:
-        return match[0]
-    # Fall back to the last component, e.g. "train.lr" -> "optim.lr".
-    leaf = key.rsplit(".", 1)[-1]
-    leaves = {k.rsplit(".", 1)[-1]: k for k in keys}
-    match = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
-    return leaves[match[0]] if match else None
+    """The valid key the user most likely meant: similar last component, same section preferred.
+
+    Whole dotted keys compared as strings favour the section over the name ("train.lr" would
+    suggest "train.resume"), so the last components are compared, with a bonus for the same section
+    that still lets an exact name in another section win ("train.lr" -> "optim.lr").
+    """
+    candidates = dict.fromkeys(_all_keys() + list(Config.model_fields))  # leaves, then sections
+    section, _, leaf = key.rpartition(".")
+    leaf = _ALIASES.get(leaf, leaf)
+    best, best_score = None, 0.0
+    for cand in candidates:
+        cand_section, _, cand_leaf = cand.rpartition(".")
+        ratio = difflib.SequenceMatcher(None, leaf, cand_leaf).ratio()
+        if ratio < 0.6:
+            continue
+        score = ratio + (0.25 if cand_section == section else 0.0)
+        if score > best_score:
+            best, best_score = cand, score
+    return best
 
 
 def _parse_value(text: str) -> Any:
@@ -238,8 +255,12 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> C
         if not isinstance(data, dict):
             raise UserError(f"The config file '{path}' must hold a mapping of sections, got {type(data).__name__}.")
         source = f"'{path}'"
-        # A config named after its file is the natural default run name.
-        data.setdefault("run", {}).setdefault("name", p.stem)
+        # A config named after its file is the natural default run name. (`run:` with nothing
+        # under it reads as None; a non-mapping `run` is left for validation to report.)
+        if data.get("run") is None:
+            data["run"] = {}
+        if isinstance(data["run"], dict):
+            data["run"].setdefault("name", p.stem)
     if overrides:
         data = _merge(data, parse_overrides(overrides))
         source += " with overrides " + " ".join(overrides)

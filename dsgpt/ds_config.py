@@ -67,8 +67,10 @@ def resolve_ds_config(cfg: Config, world_size: int, on_gpu: bool) -> dict:
     if cfg.deepspeed.zero_stage is not None:
         zero["stage"] = cfg.deepspeed.zero_stage
     zero.setdefault("stage", 0)
-    if zero["stage"] not in (0, 1, 2, 3):
-        problems.append(f"  - zero_optimization.stage is {zero['stage']!r}; DeepSpeed has stages 0, 1, 2 and 3")
+    stage = zero["stage"]
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"  - zero_optimization.stage is {stage!r}; DeepSpeed has stages 0, 1, 2 and 3")
+        stage = None  # e.g. "auto" or "3": the offload checks below cannot compare it
     hidden = cfg_model_width(cfg)
     # Bucket sizes scaled to the model, the rule the HF Trainer's DeepSpeed integration uses.
     auto_sizes = {
@@ -84,9 +86,9 @@ def resolve_ds_config(cfg: Config, world_size: int, on_gpu: bool) -> dict:
         off = zero.get(section)
         if isinstance(off, dict) and off.get("pin_memory") == AUTO:
             off["pin_memory"] = on_gpu
-    if zero["stage"] < 2 and isinstance(zero.get("offload_param"), dict):
+    if stage is not None and stage < 3 and isinstance(zero.get("offload_param"), dict):
         problems.append("  - offload_param needs ZeRO stage 3; use ds_configs/zero3_offload.json or drop offload_param")
-    if zero["stage"] == 0 and isinstance(zero.get("offload_optimizer"), dict):
+    if stage == 0 and isinstance(zero.get("offload_optimizer"), dict):
         problems.append("  - offload_optimizer needs ZeRO stage 1 or more; set deepspeed.zero_stage=2")
 
     # Precision: the run config's `precision` decides, whatever the template says.

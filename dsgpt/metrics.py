@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -31,7 +32,8 @@ GPU_PEAK_FLOPS = {
 
 def gpu_peak_flops(device_name: str, precision: str) -> Optional[float]:
     for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):  # "L40S" before "L4"
-        if key in device_name:
+        # Not followed by a digit: "NVIDIA L40" is not an L4 (but "V100S" is a V100).
+        if re.search(re.escape(key) + r"(?!\d)", device_name):
             return GPU_PEAK_FLOPS[key].get(precision) or None
     return None
 
@@ -41,8 +43,9 @@ def measure_cpu_peak_flops(precision: str = "fp32", seconds: float = 0.3) -> flo
     import torch
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     n = 512 if dtype == torch.float32 else 128  # bf16 matmul is emulated on most CPUs: keep it short
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)  # leave the global RNG alone: exact resume depends on it
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    b = torch.randn(n, n, generator=gen).to(dtype)
     a @ b  # warm up
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:

@@ -42,11 +42,15 @@ class LRSchedule:
         if self.kind == "exponential":
             gamma = self.exp_gamma
             if gamma is None:  # reach min_lr exactly at the end of decay
+                if t >= self.decay:
+                    return self.floor  # peak * gamma**decay rounds to a hair above min_lr
                 gamma = (self.floor / self.peak) ** (1.0 / self.decay) if self.floor > 0 else 0.0
             return max(self.floor, self.peak * gamma ** t)
         progress = min(1.0, t / self.decay)
         if self.kind == "linear":
-            return self.peak + (self.floor - self.peak) * progress
+            # Written from the floor so progress 1 gives min_lr exactly (peak + (floor - peak) can
+            # land an ulp off).
+            return self.floor + (self.peak - self.floor) * (1.0 - progress)
         # cosine
         return self.floor + 0.5 * (self.peak - self.floor) * (1.0 + math.cos(math.pi * progress))
 

@@ -40,7 +40,11 @@ def read_pointer(ckpt_dir: Path, name: str = "latest") -> Optional[str]:
     pointer = ckpt_dir / name
     if not pointer.exists():
         return None
-    tag = pointer.read_text().strip()
+    try:
+        # Bytes, not text: a pointer damaged by a crash or a bad disk may not be valid UTF-8.
+        tag = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+    except OSError as err:  # e.g. `latest` is a folder, or unreadable
+        tag = f"<unreadable: {err.strerror or err}>"
     if not TAG_RE.match(tag) or not (ckpt_dir / tag / STATE_FILE).is_file():
         found = ", ".join(list_tags(ckpt_dir)) or "none"
         raise UserError(
@@ -54,8 +58,11 @@ def read_pointer(ckpt_dir: Path, name: str = "latest") -> Optional[str]:
 
 def read_state(tag_dir: Path) -> dict:
     try:
-        return json.loads((tag_dir / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        state = json.loads((tag_dir / STATE_FILE).read_bytes())
+        if not isinstance(state, dict):
+            raise ValueError(f"{STATE_FILE} holds a {type(state).__name__}, not an object")
+        return state
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
         raise UserError(
             f"The checkpoint '{tag_dir}' is incomplete or corrupt ({err}). Resume from another "
             f"checkpoint with train.resume=PATH, or delete this one."
@@ -117,8 +124,12 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict:
     if stage == 0:
         sd = first["module"]  # complete on every rank without ZeRO
     else:
+        import contextlib
+        import io
+
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        with contextlib.redirect_stdout(io.StringIO()):  # it narrates on stdout; keep stdout for results
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     return {k: v.float() for k, v in sd.items()}
 
 

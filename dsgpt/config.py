@@ -63,7 +63,7 @@ class TrainSection(Section):
     micro_batch_size: int = Field(8, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
     eval_interval: int = Field(50, ge=1)
-    eval_batches: int = Field(8, ge=1)
+    eval_batches: int = Field(8, ge=1)  # validation batches per evaluation, counted over all ranks
     log_interval: int = Field(1, ge=1)
     save_interval: int = Field(100, ge=1)
     keep_last: int = Field(2, ge=1)
@@ -263,7 +263,7 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> C
             data["run"].setdefault("name", p.stem)
     if overrides:
         data = _merge(data, parse_overrides(overrides))
-        source += " with overrides " + " ".join(overrides)
+        source += f" with {len(overrides)} command-line override(s)"
     return build_config(data, source)
 
 

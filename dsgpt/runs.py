@@ -63,9 +63,11 @@ def read_state(tag_dir: Path) -> dict:
             raise ValueError(f"{STATE_FILE} holds a {type(state).__name__}, not an object")
         return state
     except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
+        others = [t for t in list_tags(tag_dir.parent) if t != tag_dir.name]
         raise UserError(
             f"The checkpoint '{tag_dir}' is incomplete or corrupt ({err}). Resume from another "
-            f"checkpoint with train.resume=PATH, or delete this one."
+            f"checkpoint with train.resume=PATH (other checkpoints there: {', '.join(others) or 'none'}), "
+            f"or delete this one."
         ) from None
 
 
@@ -155,6 +157,9 @@ def load_model(run_dir, which: str = "latest"):
     from dsgpt.config import load_config
     from dsgpt.model import GPT, GPTConfig
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"The run dir '{run_dir}' does not exist. Pass --run runs/NAME of a run that "
+                        f"launch/train.py wrote (its run.out_dir/run.name).")
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"'{run_dir}' is not a run dir (no config.yaml). Pass --run runs/NAME of a run "
                         f"that launch/train.py wrote.")
@@ -165,7 +170,10 @@ def load_model(run_dir, which: str = "latest"):
         found = ", ".join(list_tags(ckpt_dir)) or "none"
         raise UserError(f"The run '{run_dir}' has no '{which}' checkpoint (checkpoints found: {found}). "
                         f"Train it first, or pick one of the checkpoints listed.")
-    shape = read_state(ckpt_dir / tag)["model"]
+    shape = read_state(ckpt_dir / tag).get("model")
+    if not isinstance(shape, dict):
+        raise UserError(f"The checkpoint '{ckpt_dir / tag}' records no model shape in its {STATE_FILE}; "
+                        f"it was not written by this version of dsgpt. Use another checkpoint.")
     model = GPT(GPTConfig(**shape, bias=cfg.model.bias, dropout=0.0))
     sd = consolidated_state_dict(ckpt_dir, tag)
     missing, unexpected = model.load_state_dict(sd, strict=False)

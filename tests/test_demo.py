@@ -8,6 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from conftest import PY, REPO, child_env, launch
 
 
@@ -21,7 +23,9 @@ def test_demo_steps(tmp_path):
     assert len(loss) == 40 and loss[-1] < loss[0] - 1.0  # the loss visibly falls
     ev = launch("launch/eval.py", ["--run", str(out / "demo")])
     assert "perplexity" in ev.stdout
-    assert json.loads((out / "demo" / "eval" / "step0000040.json").read_text())["val/ppl"] > 1
+    result = json.loads((out / "demo" / "eval" / "step0000040.json").read_text())
+    # One process sees the same validation set the 2 training ranks shared.
+    assert result["val/loss"] == pytest.approx([r for r in records if "val/loss" in r][-1]["val/loss"], rel=1e-5)
     gen = launch("launch/generate.py", ["--run", str(out / "demo"), "--prompt", "def ", "--max-new-tokens", "30"])
     assert gen.stdout.startswith("def ") and len(gen.stdout) > 10
 

@@ -21,12 +21,16 @@ def run(corpus, tmp_path_factory):
     overrides = tiny_overrides(corpus, out, "outputs", "train.max_steps=12", "train.eval_interval=4",
                                "train.save_interval=4", "train.keep_last=1", "train.sample_interval=6",
                                "train.sample_tokens=8", "deepspeed.zero_stage=2")
-    results = run_jobs([{"name": "outputs", "overrides": overrides}], ranks=2, work=work)
-    return out / "outputs", results["outputs"]
+    # Early stopping: no evaluation can beat the first by 10 nats, so patience 2 runs out at the third.
+    early = tiny_overrides(corpus, out, "early", "train.max_steps=40", "train.eval_interval=3",
+                           "train.early_stop_patience=2", "train.early_stop_min_delta=10")
+    results = run_jobs([{"name": "outputs", "overrides": overrides}, {"name": "early", "overrides": early}],
+                       ranks=2, work=work)
+    return out / "outputs", results["outputs"], results["early"]
 
 
 def test_tensorboard_events_equal_metrics_jsonl(run):
-    run_dir, _ = run
+    run_dir, *_ = run
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
@@ -44,7 +48,7 @@ def test_tensorboard_events_equal_metrics_jsonl(run):
 
 
 def test_text_samples_are_logged(run):
-    run_dir, _ = run
+    run_dir, *_ = run
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"tensors": 0})
     acc.Reload()
     assert "samples/val_prompt/text_summary" in acc.Tags()["tensors"]
@@ -53,7 +57,7 @@ def test_text_samples_are_logged(run):
 
 
 def test_run_dir_records_config_and_provenance(run):
-    run_dir, summaries = run
+    run_dir, summaries, _ = run
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["train"]["max_steps"] == 12 and cfg["deepspeed"]["zero_stage"] == 2
     ds = json.loads((run_dir / "ds_config.json").read_text())
@@ -66,7 +70,7 @@ def test_run_dir_records_config_and_provenance(run):
 
 
 def test_checkpoints_pruned_to_keep_last_plus_best(run):
-    run_dir, summaries = run
+    run_dir, summaries, _ = run
     ckpt = run_dir / "checkpoints"
     latest = (ckpt / "latest").read_text()
     best = (ckpt / "best").read_text()
@@ -75,3 +79,12 @@ def test_checkpoints_pruned_to_keep_last_plus_best(run):
     assert tags == sorted({latest, best})
     state = json.loads((ckpt / best / "dsgpt_state.json").read_text())
     assert state["val_loss"] == state["best_val_loss"] == summaries[0]["best_val_loss"]
+
+
+def test_early_stopping_stops_when_patience_runs_out(run):
+    _, _, early = run
+    for summary in early:
+        assert summary["stop_reason"] == "early_stop" and summary["last_step"] == 9
+    run_dir = early[0]["run_dir"]
+    from pathlib import Path
+    assert (Path(run_dir) / "checkpoints" / "latest").read_text() == "step0000009"

@@ -57,9 +57,10 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, keep_last: i
 def _prune(ckpt_dir: Path, keep_last: int) -> None:
     keep = set(list_tags(ckpt_dir)[-keep_last:])
     for name in ("latest", "best"):
-        p = ckpt_dir / name
-        if p.exists():
-            keep.add(p.read_text().strip())
+        try:  # a damaged pointer must not stop a save that already succeeded
+            keep.add((ckpt_dir / name).read_bytes().decode("utf-8", errors="replace").strip())
+        except OSError:
+            pass
     for tag in list_tags(ckpt_dir):
         if tag not in keep:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)

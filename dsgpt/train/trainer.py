@@ -138,8 +138,10 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
         checkpoint.save(engine, ckpt_dir, step, payload, ctx.rank, t.keep_last)
 
     def run_eval(step: int) -> None:
-        batches = data.val_batches(t.eval_batches, cfg.eval.batch_size or t.micro_batch_size,
-                                   ctx.rank, ctx.world_size)
+        # train.eval_batches counts batches over all ranks, so the validation set (and its
+        # loss) is the same on 1 rank, on N ranks and in launch/eval.py.
+        per_rank = -(-t.eval_batches // ctx.world_size)
+        batches = data.val_batches(per_rank, cfg.eval.batch_size or t.micro_batch_size, ctx.rank, ctx.world_size)
         res = evaluate(engine, batches, device)
         state.val_loss = res.loss
         improved = state.best_val_loss is None or res.loss < state.best_val_loss - t.early_stop_min_delta
@@ -198,8 +200,11 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
                 scalars.update(memory_stats(ctx.device_type))
                 log.log(step, scalars)
                 if progress:
-                    progress.set_postfix(loss=f"{res.loss:.4f}", lr=f"{scalars['train/lr']:.2e}",
-                                         tok_s=f"{tok_s:,.0f}")
+                    progress.set_postfix(loss=f"{res.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                elif ctx.is_main and _due(step, max(1, t.max_steps // 20)):
+                    # No terminal (a batch job's log): a plain line every 5% instead of a bar.
+                    _console(f"step {step}/{t.max_steps}: loss {res.loss:.4f}, lr {lr:.2e}, "
+                             f"{tok_s:,.0f} tokens/s")
             if progress:
                 progress.update(1)
 
@@ -262,7 +267,7 @@ def _console(msg: str, enabled: bool = True) -> None:
 
 
 def _progress(enabled: bool, first: int, last: int):
-    if not enabled:
+    if not (enabled and sys.stderr.isatty()):
         return None
     from tqdm import tqdm
     return tqdm(total=last, initial=first - 1, desc="train", unit="step", dynamic_ncols=True,

@@ -23,10 +23,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def child_env(**extra) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["DS_ACCELERATOR"] = "cpu"
+    if not _cuda():
+        env["DS_ACCELERATOR"] = "cpu"  # explicit, rather than DeepSpeed guessing (and warning) per rank
     env.setdefault("DSGPT_CACHE", str(REPO / ".cache" / "dsgpt"))
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
@@ -62,13 +68,14 @@ def tiny_overrides(data: Path, out_dir: Path, name: str, *extra: str) -> list[st
     ]
 
 
-def run_jobs(jobs: list[dict], ranks: int, work: Path, timeout: float = 900) -> dict:
+def run_jobs(jobs: list[dict], ranks: int, work: Path, timeout: float = 900, env: dict | None = None) -> dict:
     """Run training jobs in one launch (tests/workers/train_jobs.py); {name: [summary per rank]}."""
     work.mkdir(parents=True, exist_ok=True)
     jobs_file = work / "jobs.json"
     jobs_file.write_text(json.dumps(jobs))
     out = work / "results"
-    proc = launch("tests/workers/train_jobs.py", [str(jobs_file), str(out)], ranks=ranks, timeout=timeout)
+    proc = launch("tests/workers/train_jobs.py", [str(jobs_file), str(out)], ranks=ranks, timeout=timeout,
+                  **(env or {}))
     results = {}
     for job in jobs:
         per_rank = []

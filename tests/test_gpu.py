@@ -1,0 +1,38 @@
+"""CUDA paths: bf16 and fp16 (with DeepSpeed's dynamic loss scaling) over NCCL. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import losses, run_jobs, tiny_overrides
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module")
+def gpu_runs(corpus, tmp_path_factory):
+    work = tmp_path_factory.mktemp("gpu")
+    out = work / "runs"
+    ranks = min(2, torch.cuda.device_count())
+    jobs = [{"name": f"{p}_z{z}", "overrides": tiny_overrides(corpus, out, f"{p}_z{z}", f"precision={p}",
+                                                             f"deepspeed.zero_stage={z}", "train.max_steps=20")}
+            for p in ("bf16", "fp16") for z in (0, 2, 3)]
+    return run_jobs(jobs, ranks=ranks, work=work), out
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", "bfloat16"), ("fp16", "float16")])
+@pytest.mark.parametrize("zero", [0, 2, 3])
+def test_half_precision_trains_on_cuda(gpu_runs, precision, dtype, zero):
+    results, out = gpu_runs
+    summary = results[f"{precision}_z{zero}"][0]
+    facts = summary["engine"]
+    assert facts["zero_stage"] == zero and facts["param_dtype"] == dtype
+    assert facts[precision] is True
+    steps = losses(summary)
+    assert len(steps) >= 15 and steps[-1] < steps[0]
+    if precision == "fp16":
+        logged = [json.loads(x) for x in (out / f"fp16_z{zero}" / "metrics.jsonl").read_text().splitlines()]
+        assert any("train/loss_scale" in r for r in logged)

@@ -165,16 +165,7 @@ def _field_text(record, text_field: str, where: str) -> Iterator[str]:
             f"{where} has no {text_field!r} field (keys present: {keys}). Pass the right field "
             "name with --text-field."
         )
-    text = record[text_field]
-    if text is None:
-        return
-    if not isinstance(text, str):
-        raise UserError(
-            f"{where}: field {text_field!r} holds a {type(text).__name__}, not text. Pick a "
-            "text field with --text-field."
-        )
-    if text:
-        yield text
+    yield from _texts([record[text_field]], f"field {text_field!r}", where)
 
 
 def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
@@ -200,13 +191,18 @@ def _check_column(names, text_field: str, where: str) -> None:
 
 
 def _column_texts(values, text_field: str, where: str) -> Iterator[str]:
+    yield from _texts(values, f"column {text_field!r}", where)
+
+
+def _texts(values, what: str, where: str) -> Iterator[str]:
+    """The non-empty strings among values (None is a missing text); anything else is an error."""
     for value in values:
         if value is None:
             continue
         if not isinstance(value, str):
             raise UserError(
-                f"{where}: column {text_field!r} holds {type(value).__name__} values, not text. "
-                "Pick a text column with --text-field."
+                f"{where}: {what} holds {type(value).__name__} values, not text. Pick the text "
+                "field or column with --text-field."
             )
         if value:
             yield value

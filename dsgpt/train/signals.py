@@ -11,6 +11,10 @@ _requested: list[str] = []
 
 def _handler(signum, frame):
     _requested.append(signal.Signals(signum).name)
+    # Under Slurm a warning arrives more than once (scancel --full, srun and the batch script
+    # each forward it); one is enough, and a late copy must not kill a rank that is saving.
+    if signum == signal.SIGUSR1:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def install() -> None:

@@ -48,9 +48,13 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     check_precision(cfg)
     ctx = dist.setup()
-    mcfg = model_config(cfg, vocab_size=cfg.model.vocab_size or 50304)
+    # The vocabulary the config would train with: the built-in corpus's, or GPT-2's size.
+    vocab = cfg.data.builtin_vocab_size if cfg.data.path == "builtin" else 50257
+    mcfg = model_config(cfg, vocab_size=vocab)
     torch.manual_seed(cfg.run.seed + ctx.rank)
-    engine, _ = build_engine(GPT(mcfg), cfg, resolve_ds_config(cfg, ctx.world_size, ctx.on_gpu), ctx.on_gpu)
+    model = GPT(mcfg)
+    n_params = model.num_params(non_embedding=False)
+    engine, _ = build_engine(model, cfg, resolve_ds_config(cfg, ctx.world_size, ctx.on_gpu), ctx.on_gpu)
     t = cfg.train
     gen = torch.Generator().manual_seed(ctx.rank)
 
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
     mem = max(memory_stats(ctx.device_type).values())
     if ctx.is_main:
         device = torch.cuda.get_device_name() if ctx.on_gpu else f"CPU x{torch.get_num_threads()} threads"
-        model = f"{mcfg.n_layer}L/{mcfg.n_embd}d/{mcfg.n_head}h ({sum(p.numel() for p in engine.module.parameters()) / 1e6:.1f}M)"
+        model = f"{mcfg.n_layer}L/{mcfg.n_embd}d/{mcfg.n_head}h, vocab {mcfg.vocab_size} ({n_params / 1e6:.1f}M)"
         zero = engine.zero_optimization_stage()
         print(f"{args.config}: {model}, {cfg.precision}, ZeRO {zero}, {ctx.world_size} rank(s) on {device}")
         print(f"  step time {step_time * 1000:.1f} ms (median of {len(times)}), {tok_s:,.0f} tokens/s, "

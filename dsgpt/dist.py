@@ -1,7 +1,8 @@
 """The one place that knows about launchers, devices and process groups.
 
 A rank finds out who it is from its environment: the `deepspeed` launcher and torchrun set
-RANK/LOCAL_RANK/WORLD_SIZE; a plain `python` run is a world of one. It then picks NCCL on a GPU
+RANK/LOCAL_RANK/WORLD_SIZE; `srun` sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/SLURM_NODEID;
+`mpirun` sets its own (read through mpi4py); a plain `python` run is a world of one. It then picks NCCL on a GPU
 and gloo on a CPU, and caps its torch threads so that several ranks on one box do not thrash.
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import subprocess
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
@@ -19,9 +22,10 @@ class DistContext:
     local_rank: int
     world_size: int
     local_world_size: int
+    node_rank: int
     backend: str
     device_type: str  # "cuda" or "cpu"
-    launcher: str  # "env" (deepspeed/torchrun) or "single"
+    launcher: str  # "env" (deepspeed/torchrun), "slurm" (srun), "mpi" (mpirun) or "single"
     hostname: str
 
     @property
@@ -44,19 +48,105 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _read_launcher_env() -> tuple[int, int, int, int, str]:
+@dataclass
+class _Launch:
+    rank: int
+    local_rank: int
+    world: int
+    local_world: int
+    node_rank: int
+    launcher: str
+
+
+def _int_env(*names: str, default: Optional[int] = None) -> Optional[int]:
+    for name in names:
+        if os.environ.get(name, "").strip().lstrip("-").isdigit():
+            return int(os.environ[name])
+    return default
+
+
+def _slurm_tasks_per_node() -> int:
+    """SLURM_NTASKS_PER_NODE, or the first count of SLURM_STEP_TASKS_PER_NODE ("2(x3),1")."""
+    explicit = _int_env("SLURM_NTASKS_PER_NODE")
+    if explicit:
+        return explicit
+    spec = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE") or "1"
+    return int(spec.split("(")[0].split(",")[0] or 1)
+
+
+def _first_slurm_host() -> str:
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return nodelist.split(",")[0].split("[")[0] or "127.0.0.1"
+
+
+def _from_slurm() -> _Launch:
+    """One task per GPU (or CPU slot) started by `srun`: ranks come from SLURM_*."""
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
+    launch = _Launch(rank=int(env["SLURM_PROCID"]), local_rank=_int_env("SLURM_LOCALID", default=0),
+                     world=int(env["SLURM_NTASKS"]), local_world=_slurm_tasks_per_node(),
+                     node_rank=_int_env("SLURM_NODEID", default=0), launcher="slurm")
+    env.setdefault("MASTER_ADDR", _first_slurm_host())
+    # The same port on every task without talking: derived from the job id.
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    return launch
+
+
+def _from_mpi() -> _Launch:
+    """`mpirun -np N python ...`: ranks from the MPI runtime, the rendezvous from rank 0 via mpi4py."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        from dsgpt.errors import UserError
+        raise UserError("This process was started by mpirun, but mpi4py is not installed, so the ranks "
+                        "cannot agree on a rendezvous address. Install it with `pip install -e .[mpi]` "
+                        "(it needs an MPI library such as Debian's openmpi-bin).") from None
+    comm = MPI.COMM_WORLD
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    nodes = comm.allgather(socket.gethostname() if local.Get_rank() == 0 else None)
+    node_rank = [h for h in nodes if h is not None].index(local.bcast(socket.gethostname(), root=0))
+    addr, port = comm.bcast((socket.gethostname(), _free_port()) if comm.Get_rank() == 0 else None, root=0)
+    os.environ.setdefault("MASTER_ADDR", addr)
+    os.environ.setdefault("MASTER_PORT", str(port))
+    return _Launch(rank=comm.Get_rank(), local_rank=local.Get_rank(), world=comm.Get_size(),
+                   local_world=local.Get_size(), node_rank=node_rank, launcher="mpi")
+
+
+def _discover() -> _Launch:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # the deepspeed launcher, torchrun
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-        local_rank = int(env.get("LOCAL_RANK", rank))
-        local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
-        return rank, local_rank, world, local_world, "env"
+        return _Launch(rank=rank, local_rank=_int_env("LOCAL_RANK", default=rank), world=world,
+                       local_world=_int_env("LOCAL_WORLD_SIZE", "LOCAL_SIZE", default=world),
+                       node_rank=_int_env("GROUP_RANK", "NODE_RANK", default=0), launcher="env")
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and "SLURM_NTASKS" in env:
+        return _from_slurm()
+    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env or "PMIX_RANK" in env:
+        return _from_mpi()
     # A plain `python launch/train.py`: a world of one, on a free local port.
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(_free_port()))
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        env[key] = value
-    return 0, 0, 1, 1, "single"
+    return _Launch(rank=0, local_rank=0, world=1, local_world=1, node_rank=0, launcher="single")
+
+
+def _export(launch: _Launch) -> None:
+    """What torch.distributed's env:// rendezvous reads, whatever the launcher."""
+    for key, value in (("RANK", launch.rank), ("LOCAL_RANK", launch.local_rank), ("WORLD_SIZE", launch.world),
+                       ("LOCAL_WORLD_SIZE", launch.local_world)):
+        os.environ[key] = str(value)
+    if launch.launcher in ("slurm", "mpi"):
+        # Nodes often share a home directory: one JIT-extension build dir per node, or their
+        # compilers overwrite each other's objects.
+        base = os.environ.get("DSGPT_TORCH_EXTENSIONS_BASE") or os.environ.get(
+            "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+        os.environ["DSGPT_TORCH_EXTENSIONS_BASE"] = base
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(base, f"{socket.gethostname()}-node{launch.node_rank}")
 
 
 def gpu_available() -> bool:
@@ -68,7 +158,8 @@ def gpu_available() -> bool:
 
 def setup(timeout_minutes: float = 10.0) -> DistContext:
     """Bring this rank into the process group. Must run before DeepSpeed picks its accelerator."""
-    rank, local_rank, world, local_world, launcher = _read_launcher_env()
+    launch = _discover()
+    _export(launch)
     on_gpu = gpu_available()
     if not on_gpu:
         # DeepSpeed picks its accelerator at import; say it explicitly instead of letting it
@@ -76,17 +167,18 @@ def setup(timeout_minutes: float = 10.0) -> DistContext:
         os.environ["DS_ACCELERATOR"] = "cpu"
     import torch
     if on_gpu:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(launch.local_rank)
     else:
-        threads = max(1, (os.cpu_count() or 1) // max(1, local_world))
+        threads = max(1, (os.cpu_count() or 1) // max(1, launch.local_world))
         torch.set_num_threads(threads)
     import deepspeed
     backend = "nccl" if on_gpu else "gloo"
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(minutes=timeout_minutes))
-    return DistContext(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world,
-                       backend=backend, device_type="cuda" if on_gpu else "cpu", launcher=launcher,
+    return DistContext(rank=launch.rank, local_rank=launch.local_rank, world_size=launch.world,
+                       local_world_size=launch.local_world, node_rank=launch.node_rank, backend=backend,
+                       device_type="cuda" if on_gpu else "cpu", launcher=launch.launcher,
                        hostname=socket.gethostname())
 
 

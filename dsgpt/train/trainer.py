@@ -52,6 +52,9 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
     check_precision(cfg)  # before any work: fp16 has no CPU path
     ctx = dist.setup()
     signals.install()
+    # Every rank says who it is: in a multi-node log this line is the proof of the layout.
+    print(f"[dsgpt] rank {ctx.rank}/{ctx.world_size} local_rank {ctx.local_rank} node {ctx.node_rank} "
+          f"host {ctx.hostname} launcher {ctx.launcher} backend {ctx.backend}", flush=True)
     run = Run(cfg, ctx, list(sys.argv if argv is None else argv))
     t = cfg.train
     reason = "max_steps"

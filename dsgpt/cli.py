@@ -16,7 +16,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsgpt", description="Train GPT models with DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
+    _add_config(sub)
     return parser
+
+
+def _add_config(sub) -> None:
+    p = sub.add_parser(
+        "config",
+        help="print a run config as resolved from YAML + overrides (or one key of it)",
+        description="Resolve a run config exactly as launch/train.py would and print it as YAML, or "
+                    "print one dotted key with --get (run.dir gives the run directory).",
+    )
+    p.add_argument("config", help="run config YAML (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--get", metavar="KEY", help="print only this dotted key, e.g. run.dir or train.max_steps")
+    p.set_defaults(func=_run_config)
+
+
+def _run_config(args) -> int:
+    import yaml
+
+    from dsgpt.config import closest_key, load_config
+    cfg = load_config(args.config, args.overrides)
+    if not args.get:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    if args.get == "run.dir":
+        print(cfg.run.dir)
+        return 0
+    node = cfg.to_dict()
+    for part in args.get.split("."):
+        if not isinstance(node, dict) or part not in node:
+            hint = closest_key(args.get)
+            raise UserError(f"The run config has no key '{args.get}'" + (f" (did you mean '{hint}'?)" if hint else "")
+                            + ". Run `dsgpt config CONFIG` to see every key.")
+        node = node[part]
+    print(node if not isinstance(node, dict) else yaml.safe_dump(node, sort_keys=False), end="\n" if not isinstance(node, dict) else "")
+    return 0
 
 
 def _add_prepare(sub) -> None:

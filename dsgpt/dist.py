@@ -169,7 +169,9 @@ def setup(timeout_minutes: float = 10.0) -> DistContext:
     if on_gpu:
         torch.cuda.set_device(launch.local_rank)
     else:
-        threads = max(1, (os.cpu_count() or 1) // max(1, launch.local_world))
+        # The cores Slurm gave this task, else an equal share of the machine's.
+        threads = _int_env("SLURM_CPUS_PER_TASK") if launch.launcher == "slurm" else None
+        threads = threads or max(1, (os.cpu_count() or 1) // max(1, launch.local_world))
         torch.set_num_threads(threads)
     import deepspeed
     backend = "nccl" if on_gpu else "gloo"

@@ -7,6 +7,7 @@ calls (engine, data, state, logging), each a method a test can reason about on i
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import time
@@ -54,7 +55,7 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
     signals.install()
     # Every rank says who it is: in a multi-node log this line is the proof of the layout.
     print(f"[dsgpt] rank {ctx.rank}/{ctx.world_size} local_rank {ctx.local_rank} node {ctx.node_rank} "
-          f"host {ctx.hostname} launcher {ctx.launcher} backend {ctx.backend}", flush=True)
+          f"host {ctx.hostname} pid {os.getpid()} launcher {ctx.launcher} backend {ctx.backend}", flush=True)
     run = Run(cfg, ctx, list(sys.argv if argv is None else argv))
     t = cfg.train
     reason = "max_steps"

@@ -1,0 +1,113 @@
+"""`sbatch slurm/train.sbatch` on a real 2-node Slurm cluster (tests/slurm_cluster.py): ranks from
+SLURM_*, preemption with checkpoint + requeue + exact continuation, job-array sweeps."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PY, REPO, child_env, tiny_overrides
+from tests.slurm_cluster import LocalSlurm, ensure_packages
+
+pytestmark = pytest.mark.timeout(600)
+
+# The script's defaults are for GPU nodes; the test partition has 2 CPU slots per node.
+CPU_NODES = ["--gpus-per-node=0", "--cpus-per-task=1", "--ntasks-per-node=1"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    reason = ensure_packages()  # an error, not a skip, when CI=true on root Debian
+    if reason:
+        pytest.skip(reason)
+    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
+
+
+def job_env() -> dict:
+    env = child_env(DSGPT_PYTHON=PY)
+    return {k: env[k] for k in ("PYTHONPATH", "DSGPT_CACHE", "DSGPT_PYTHON", "DS_ACCELERATOR") if k in env}
+
+
+def submit(slurm: LocalSlurm, script: str, args: list[str], script_args: list[str]) -> str:
+    return slurm.sbatch(args, str(REPO / script), script_args=script_args, cwd=REPO, env=job_env())
+
+
+def finished(slurm: LocalSlurm, job: str, log: Path, timeout: float = 240) -> str:
+    state = slurm.wait(job, timeout)
+    text = log.read_text() if log.exists() else "(no log)"
+    assert state == "COMPLETED", f"job {job} ended {state}\n--- log ---\n{text[-6000:]}\n{slurm.log_tail()}"
+    return text
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def test_two_nodes_train_one_rank_each(slurm, corpus, tmp_path):
+    log = tmp_path / "train.log"
+    overrides = tiny_overrides(corpus, tmp_path / "runs", "two_nodes", "train.max_steps=8")
+    job = submit(slurm, "slurm/train.sbatch", ["-N", "2", *CPU_NODES, f"--output={log}"],
+                 ["configs/tiny.yaml", *overrides])
+    text = finished(slurm, job, log)
+    ranks = re.findall(r"\[dsgpt\] rank (\d)/(\d) local_rank (\d) node (\d) .* launcher (\w+)", text)
+    assert sorted(ranks) == [("0", "2", "0", "0", "slurm"), ("1", "2", "0", "1", "slurm")], text[-3000:]
+    run_dir = tmp_path / "runs" / "two_nodes"
+    assert sorted(step_losses(run_dir)) == list(range(1, 9))
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step0000008"
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert (run_dir / f"slurm-{job}.log").resolve() == log.resolve()  # the log, linked into the run dir
+    prov = json.loads((run_dir / "provenance.jsonl").read_text().splitlines()[0])
+    assert prov["slurm"]["SLURM_JOB_ID"] == job and prov["world_size"] == 2
+
+
+def test_preempted_job_checkpoints_requeues_and_continues_exactly(slurm, corpus, tmp_path):
+    steps = 60
+    common = ("train.max_steps=%d" % steps, "train.save_interval=1000", "train.eval_interval=1000")
+    straight_log, preempt_log = tmp_path / "straight.log", tmp_path / "preempt.log"
+    straight = submit(slurm, "slurm/train.sbatch", ["-N", "2", *CPU_NODES, f"--output={straight_log}"],
+                      ["configs/tiny.yaml", *tiny_overrides(corpus, tmp_path / "runs", "straight", *common)])
+    finished(slurm, straight, straight_log)
+
+    run_dir = tmp_path / "runs" / "preempt"
+    job = submit(slurm, "slurm/train.sbatch", ["-N", "2", *CPU_NODES, f"--output={preempt_log}"],
+                 ["configs/tiny.yaml", *tiny_overrides(corpus, tmp_path / "runs", "preempt", *common)])
+    deadline = time.time() + 180
+    while not ((run_dir / "metrics.jsonl").exists() and len(step_losses(run_dir)) >= 5):
+        assert time.time() < deadline, f"no progress\n{preempt_log.read_text() if preempt_log.exists() else ''}"
+        time.sleep(0.2)
+    slurm.scancel("--signal=USR1", "--full", job)
+    slurm.release(job, timeout=120)  # requeued by the script: make it eligible now
+    text = finished(slurm, job, preempt_log)
+
+    assert "requeueing job" in text and re.search(r"start 1 on", text), text[-4000:]
+    saved = int(re.search(r"stopped at step (\d+) \(signal:SIGUSR1\)", text).group(1))
+    assert 5 <= saved < steps
+    assert text.count("[dsgpt] rank 0/2") == 2  # two launches
+    resumed = json.loads(next(line for line in (run_dir / "provenance.jsonl").read_text().splitlines()[1:]))
+    assert resumed["slurm"]["SLURM_RESTART_COUNT"] == "1"
+    a, b = step_losses(tmp_path / "runs" / "straight"), step_losses(run_dir)
+    assert sorted(b) == list(range(1, steps + 1))  # every step once: resumed at saved + 1
+    assert b == a  # the interrupted run is the uninterrupted one, step for step
+
+
+def test_sweep_array_runs_each_line(slurm, corpus, tmp_path):
+    sweep = tmp_path / "lr.txt"
+    base = " ".join(tiny_overrides(corpus, tmp_path / "runs", "ignored", "train.max_steps=3"))
+    sweep.write_text(f"# learning rates\nconfigs/tiny.yaml {base} optim.lr=1e-3\n\n"
+                     f"configs/tiny.yaml {base} optim.lr=3e-3\n")
+    job = submit(slurm, "slurm/sweep.sbatch", ["--array=0-1", "-N", "1", *CPU_NODES,
+                                               f"--output={tmp_path}/sweep-%a.log"], [str(sweep)])
+    state = slurm.wait(job, 240)
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("sweep-*.log"))
+    assert state == "COMPLETED", logs[-4000:]
+    for index, lr in ((0, 1e-3), (1, 3e-3)):
+        run_dir = tmp_path / "runs" / f"lr-{index}"
+        cfg = (run_dir / "config.yaml").read_text()
+        assert f"lr: {lr}" in cfg and "name: lr-%d" % index in cfg
+        assert sorted(step_losses(run_dir)) == [1, 2, 3]

@@ -107,6 +107,12 @@ def _from_mpi() -> _Launch:
         raise UserError("This process was started by mpirun, but mpi4py is not installed, so the ranks "
                         "cannot agree on a rendezvous address. Install it with `pip install -e .[mpi]` "
                         "(it needs an MPI library such as Debian's openmpi-bin).") from None
+    except RuntimeError as err:  # mpi4py's wheels load the system's libmpi at import and say this if none loads
+        from dsgpt.errors import UserError
+        raise UserError(f"This process was started by mpirun, but mpi4py cannot load an MPI library ("
+                        f"{'; '.join(str(err).splitlines())}). "
+                        "Install one (Debian: apt-get install openmpi-bin libopenmpi-dev) or point "
+                        "MPI4PY_LIBMPI at the libmpi.so of the MPI whose mpirun you use.") from None
     comm = MPI.COMM_WORLD
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     nodes = comm.allgather(socket.gethostname() if local.Get_rank() == 0 else None)

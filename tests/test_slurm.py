@@ -111,3 +111,15 @@ def test_sweep_array_runs_each_line(slurm, corpus, tmp_path):
         cfg = (run_dir / "config.yaml").read_text()
         assert f"lr: {lr}" in cfg and "name: lr-%d" % index in cfg
         assert sorted(step_losses(run_dir)) == [1, 2, 3]
+
+
+def test_deepspeed_launcher_mode(slurm, corpus, tmp_path):
+    log = tmp_path / "ds.log"
+    overrides = tiny_overrides(corpus, tmp_path / "runs", "ds_mode", "train.max_steps=4")
+    env = dict(job_env(), DSGPT_LAUNCHER="deepspeed")
+    job = slurm.sbatch(["-N", "2", *CPU_NODES, f"--output={log}"], str(REPO / "slurm/train.sbatch"),
+                       script_args=["configs/tiny.yaml", *overrides], cwd=REPO, env=env)
+    text = finished(slurm, job, log)
+    assert "--launcher slurm" in text or "srun" in text
+    assert sorted(re.findall(r"\[dsgpt\] rank (\d)/2 .* node (\d)", text)) == [("0", "0"), ("1", "1")], text[-3000:]
+    assert sorted(step_losses(tmp_path / "runs" / "ds_mode")) == [1, 2, 3, 4]

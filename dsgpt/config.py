@@ -74,6 +74,8 @@ class TrainSection(Section):
     on_nonfinite: Literal["skip", "stop"] = "skip"
     max_nonfinite_steps: int = 10  # consecutive skipped steps before giving up
     max_minutes: Optional[float] = None  # wall-clock budget: save and exit cleanly when spent
+    # A rank silent this long (stopped, dead, stuck) ends the job with a message naming it; 0 = off.
+    hang_timeout_s: float = Field(300.0, ge=0)
     sample_interval: int = 0  # steps between text samples logged to TensorBoard; 0 = off
     sample_tokens: int = 64
 

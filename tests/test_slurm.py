@@ -123,3 +123,36 @@ def test_deepspeed_launcher_mode(slurm, corpus, tmp_path):
     assert "--launcher slurm" in text or "srun" in text
     assert sorted(re.findall(r"\[dsgpt\] rank (\d)/2 .* node (\d)", text)) == [("0", "0"), ("1", "1")], text[-3000:]
     assert sorted(step_losses(tmp_path / "runs" / "ds_mode")) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("sig", ["SIGSTOP", "SIGKILL"])
+def test_a_hung_or_dead_rank_ends_the_job_and_is_named(slurm, corpus, tmp_path, sig):
+    import os
+    import signal as signals
+    log = tmp_path / "job.log"
+    timeout_s = 8
+    overrides = tiny_overrides(corpus, tmp_path / "runs", "hang", "train.max_steps=100000",
+                               "train.save_interval=100000", "train.eval_interval=100000",
+                               f"train.hang_timeout_s={timeout_s}")
+    job = submit(slurm, "slurm/train.sbatch", ["-N", "2", *CPU_NODES, f"--output={log}"],
+                 ["configs/tiny.yaml", *overrides])
+    run_dir = tmp_path / "runs" / "hang"
+    deadline = time.time() + 180
+    while not ((run_dir / "metrics.jsonl").exists() and len(step_losses(run_dir)) >= 3):
+        assert time.time() < deadline and slurm.state(job) in ("PENDING", "RUNNING"), log.read_text()[-3000:]
+        time.sleep(0.2)
+    pid = int(re.search(r"\[dsgpt\] rank 1/2 .* pid (\d+)", log.read_text()).group(1))
+    os.kill(pid, getattr(signals, sig))
+    t0 = time.time()
+    try:
+        state = slurm.wait(job, timeout=timeout_s + 60)
+    finally:
+        try:
+            os.kill(pid, signals.SIGKILL)  # a stopped rank must not outlive the test
+        except ProcessLookupError:
+            pass
+    elapsed = time.time() - t0
+    text = log.read_text()
+    assert state == "FAILED", f"{state}\n{text[-4000:]}"
+    assert elapsed < timeout_s + 30, elapsed
+    assert re.search(r"rank 1 on host \S+ \(node 1", text), text[-4000:]

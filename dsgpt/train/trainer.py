@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from dsgpt import dist, runs
+from dsgpt import dist, runs, watchdog
 from dsgpt.config import Config, save_config
 from dsgpt.errors import UserError
 from dsgpt.io import atomic_write_json
@@ -51,33 +51,46 @@ class RunSummary:
 
 def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
     check_precision(cfg)  # before any work: fp16 has no CPU path
-    ctx = dist.setup()
+    t = cfg.train
+    # torch's own collective timeout must come after the watchdog's, whose message names the rank.
+    ctx = dist.setup(timeout_minutes=max(10.0, 2 * t.hang_timeout_s / 60))
     signals.install()
     # Every rank says who it is: in a multi-node log this line is the proof of the layout.
     print(f"[dsgpt] rank {ctx.rank}/{ctx.world_size} local_rank {ctx.local_rank} node {ctx.node_rank} "
           f"host {ctx.hostname} pid {os.getpid()} launcher {ctx.launcher} backend {ctx.backend}", flush=True)
-    run = Run(cfg, ctx, list(sys.argv if argv is None else argv))
-    t = cfg.train
-    reason = "max_steps"
+    hang = watchdog.start_for_run(ctx, cfg.run.dir, t.hang_timeout_s)
     try:
-        for step in range(run.state.step + 1, t.max_steps + 1):
-            if not run.train_step(step) and run.give_up_on_nonfinite(step):
-                reason = "nonfinite"
-                break
-            if _due(step, t.eval_interval) or step == t.max_steps:
-                run.evaluate(step)
-            if _due(step, t.sample_interval):
-                run.log_sample(step)
-            reason = run.stop_reason()  # agreed by all ranks
-            if _due(step, t.save_interval) or reason or step == t.max_steps:
-                run.save(step)
-            if reason:
-                break
-        reason = reason or "max_steps"
-    except NonFiniteWeights as err:
-        reason = "nonfinite"
-        run.console(str(err))
-    return run.finish(reason)
+        run = Run(cfg, ctx, list(sys.argv if argv is None else argv))
+        reason = ""
+        try:
+            for step in range(run.state.step + 1, t.max_steps + 1):
+                applied = run.train_step(step)
+                hang.progress(step)
+                if not applied and run.give_up_on_nonfinite(step):
+                    reason = "nonfinite"
+                    break
+                if _due(step, t.eval_interval) or step == t.max_steps:
+                    with hang.phase("eval"):
+                        run.evaluate(step)
+                if _due(step, t.sample_interval):
+                    with hang.phase("sample"):
+                        run.log_sample(step)
+                reason = run.stop_reason()  # agreed by all ranks
+                if _due(step, t.save_interval) or reason or step == t.max_steps:
+                    with hang.phase("checkpoint"):
+                        run.save(step)
+                if reason:
+                    break
+        except NonFiniteWeights as err:
+            reason = "nonfinite"
+            run.console(str(err))
+        with hang.phase("finish"):
+            summary = run.finish(reason or "max_steps")
+    except BaseException as exc:
+        hang.handle_exception(exc)  # a peer's death reads as a gloo/NCCL error: name the peer
+        raise
+    hang.stop()
+    return summary
 
 
 def _due(step: int, interval: int) -> bool:

@@ -1,0 +1,66 @@
+"""Launcher discovery: who a rank is, from the deepspeed launcher's, srun's or a plain run's env."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dsgpt import dist
+
+SLURM_VARS = ("SLURM_PROCID", "SLURM_STEP_ID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID",
+              "SLURM_NTASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE",
+              "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST", "SLURM_CPUS_PER_TASK")
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "TORCH_EXTENSIONS_DIR", "DSGPT_TORCH_EXTENSIONS_BASE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE",
+               "PMIX_RANK", "GROUP_RANK", "NODE_RANK")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in SLURM_VARS + LAUNCH_VARS:
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def test_srun_task_finds_its_place(clean_env, tmp_path):
+    env = {"SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+           "SLURM_NODEID": "2", "SLURM_STEP_TASKS_PER_NODE": "2(x4)", "SLURM_JOB_ID": "123456",
+           "SLURM_JOB_NODELIST": "gpu[07-10]", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    for key, value in env.items():
+        clean_env.setenv(key, value)
+    launch = dist._discover()
+    assert (launch.rank, launch.local_rank, launch.world, launch.local_world, launch.node_rank) == (5, 1, 8, 2, 2)
+    assert launch.launcher == "slurm"
+    assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)
+    dist._export(launch)
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == ("5", "1", "8")
+    # One JIT build dir per node, under the user's own choice of base dir; stable on re-export.
+    ext = os.environ["TORCH_EXTENSIONS_DIR"]
+    assert ext.startswith(str(tmp_path / "ext")) and ext.endswith("-node2")
+    dist._export(launch)
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == ext
+
+
+def test_master_addr_from_environment_wins(clean_env):
+    for key, value in {"SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7",
+                       "MASTER_ADDR": "head", "MASTER_PORT": "29999"}.items():
+        clean_env.setenv(key, value)
+    dist._discover()
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("head", "29999")
+
+
+def test_deepspeed_launcher_env_wins_over_slurm(clean_env):
+    for key, value in {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                       "SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2"}.items():
+        clean_env.setenv(key, value)
+    launch = dist._discover()
+    assert (launch.launcher, launch.rank, launch.world, launch.local_world) == ("env", 1, 4, 2)
+
+
+def test_a_batch_script_without_srun_is_not_a_slurm_rank(clean_env):
+    # In the batch shell itself SLURM_PROCID=0 but there is no step: a plain single process.
+    for key, value in {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "9"}.items():
+        clean_env.setenv(key, value)
+    launch = dist._discover()
+    assert launch.launcher == "single" and launch.world == 1

@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 class Section(BaseModel):
     # coerce_numbers_to_str: `run.name=42` (YAML reads an int) is a valid name, not a type error.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True, allow_inf_nan=False)
 
 
 class RunConfig(Section):
@@ -76,6 +76,7 @@ class TrainSection(Section):
     max_minutes: Optional[float] = None  # wall-clock budget: save and exit cleanly when spent
     # A rank silent this long (stopped, dead, stuck) ends the job with a message naming it; 0 = off.
     hang_timeout_s: float = Field(300.0, ge=0)
+    save_best: bool = True  # also save at an evaluation that beats every earlier one (`best`)
     sample_interval: int = 0  # steps between text samples logged to TensorBoard; 0 = off
     sample_tokens: int = 64
 
@@ -111,7 +112,7 @@ class EvalSection(Section):
 
 class DeepSpeedSection(Section):
     config: str = "ds_configs/zero1.json"
-    zero_stage: Optional[int] = None  # None = the template's
+    zero_stage: Optional[Literal[0, 1, 2, 3]] = None  # None = the template's
     steps_per_print: int = 0
 
 

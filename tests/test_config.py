@@ -257,3 +257,11 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
     path = write(tmp_path / "list.yaml", "- 1\n- 2\n")
     msg = error_of(path)
     assert path in msg and "mapping" in msg and "list" in msg
+
+
+def test_non_finite_numbers_and_unknown_zero_stages_are_refused():
+    from dsgpt.config import load_config
+    from dsgpt.errors import UserError
+    with pytest.raises(UserError) as err:
+        load_config(None, ["optim.lr=nan", "deepspeed.zero_stage=4"])
+    assert "optim.lr" in str(err.value) and "deepspeed.zero_stage" in str(err.value)

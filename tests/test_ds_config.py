@@ -234,8 +234,12 @@ def test_offload_optimizer_needs_stage_1_or_more():
     assert conf["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
 
 
-def test_invalid_stage_is_reported():
-    msg = refusal("deepspeed.zero_stage=5")
+def test_invalid_stage_is_reported(tmp_path):
+    # In the run config the stage is refused on load; in a template, when it is resolved.
+    from dsgpt.config import load_config
+    with pytest.raises(UserError, match="deepspeed.zero_stage"):
+        load_config(None, ["deepspeed.zero_stage=5"])
+    msg = refusal(f"deepspeed.config={user_template(tmp_path, {'zero_optimization': {'stage': 5}})}")
     assert "zero_optimization.stage is 5" in msg
 
 

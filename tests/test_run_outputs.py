@@ -88,3 +88,6 @@ def test_early_stopping_stops_when_patience_runs_out(run):
     run_dir = early[0]["run_dir"]
     from pathlib import Path
     assert (Path(run_dir) / "checkpoints" / "latest").read_text() == "step0000009"
+    # The first evaluation was the best: saved then (train.save_best), kept through pruning.
+    assert (Path(run_dir) / "checkpoints" / "best").read_text() == "step0000003"
+    assert (Path(run_dir) / "checkpoints" / "step0000003").is_dir()

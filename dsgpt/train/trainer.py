@@ -32,6 +32,7 @@ class RunState:
     tokens_seen: int = 0
     val_loss: Optional[float] = None
     best_val_loss: Optional[float] = None
+    best_step: Optional[int] = None  # the step whose evaluation gave best_val_loss
     evals_since_best: int = 0
     skipped_steps: int = 0  # non-finite steps in a row
     history: list = field(default_factory=list)  # one entry per launch: start step, argv
@@ -69,14 +70,15 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
                 if not applied and run.give_up_on_nonfinite(step):
                     reason = "nonfinite"
                     break
+                improved = False
                 if _due(step, t.eval_interval) or step == t.max_steps:
                     with hang.phase("eval"):
-                        run.evaluate(step)
+                        improved = run.evaluate(step)
                 if _due(step, t.sample_interval):
                     with hang.phase("sample"):
                         run.log_sample(step)
                 reason = run.stop_reason()  # agreed by all ranks
-                if _due(step, t.save_interval) or reason or step == t.max_steps:
+                if _due(step, t.save_interval) or reason or step == t.max_steps or (improved and t.save_best):
                     with hang.phase("checkpoint"):
                         run.save(step)
                 if reason:
@@ -229,7 +231,8 @@ class Run:
             # No terminal (a batch job's log): a plain line every 5% instead of a bar.
             self.console(f"step {step}/{self.t.max_steps}: loss {loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tokens/s")
 
-    def evaluate(self, step: int) -> None:
+    def evaluate(self, step: int) -> bool:
+        """Validation loss now; True when it is the best so far (by more than early_stop_min_delta)."""
         from dsgpt.eval.perplexity import evaluate
         # train.eval_batches counts batches over all ranks, so the validation set (and its loss)
         # is the same on 1 rank, on N ranks and in launch/eval.py.
@@ -239,12 +242,14 @@ class Run:
                        self.device)
         s = self.state
         s.val_loss = res.loss
-        if s.best_val_loss is None or res.loss < s.best_val_loss - self.t.early_stop_min_delta:
-            s.best_val_loss, s.evals_since_best = res.loss, 0
+        improved = s.best_val_loss is None or res.loss < s.best_val_loss - self.t.early_stop_min_delta
+        if improved:
+            s.best_val_loss, s.best_step, s.evals_since_best = res.loss, step, 0
         else:
             s.evals_since_best += 1
         self.log.log(step, {"val/loss": res.loss, "val/ppl": res.ppl, "val/accuracy": res.accuracy})
         self.console(f"step {step}: val loss {res.loss:.4f}, ppl {res.ppl:.2f}, acc {res.accuracy:.3f}")
+        return improved
 
     def log_sample(self, step: int) -> None:
         """A short text sample for TensorBoard; every rank runs it (ZeRO-3 forwards are collective)."""
@@ -279,7 +284,7 @@ class Run:
         if not _params_finite(self.engine, self.device):
             raise NonFiniteWeights(f"step {step}: the weights are not finite; not saving a checkpoint")
         s = self.state
-        is_best = s.val_loss is not None and s.val_loss == s.best_val_loss
+        is_best = s.best_step == step  # these weights are the ones that evaluated best
         payload = dict(vars(s), step=step, is_best=is_best, **self.fingerprint)
         checkpoint.save(self.engine, self.ckpt_dir, step, payload, self.ctx.rank, self.t.keep_last)
         self.last_saved = step

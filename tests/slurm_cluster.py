@@ -255,6 +255,10 @@ class LocalSlurm:
     def _client_env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_",
                                                                         "SALLOC_", "SQUEUE_"))}
+        # A launcher's variables in the test process (RANK, MASTER_PORT, ...) must not reach the
+        # jobs: there each task learns its place from srun.
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
         env["SLURM_CONF"] = str(self.conf)
         env["DSGPT_LOCAL_SLURM"] = str(self.dir)  # marks every process of this cluster (see _sweep)
         env["PATH"] = os.pathsep.join([env.get("PATH", "/usr/bin:/bin"), *_SBIN_DIRS])

@@ -18,9 +18,14 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_A
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    # dist writes RANK, MASTER_PORT, ... into os.environ itself: restore the whole environment
+    # afterwards, or later tests' child processes inherit a made-up world of 8 ranks.
+    saved = dict(os.environ)
     for key in SLURM_VARS + LAUNCH_VARS:
-        monkeypatch.delenv(key, raising=False)
-    return monkeypatch
+        os.environ.pop(key, None)
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_srun_task_finds_its_place(clean_env, tmp_path):
@@ -64,3 +69,11 @@ def test_a_batch_script_without_srun_is_not_a_slurm_rank(clean_env):
         clean_env.setenv(key, value)
     launch = dist._discover()
     assert launch.launcher == "single" and launch.world == 1
+
+
+ORIGINAL = {key: os.environ.get(key) for key in SLURM_VARS + LAUNCH_VARS}
+
+
+def test_the_environment_is_restored_after_each_test():
+    # Runs after the tests above (file order): nothing they made up may leak into later tests.
+    assert {key: os.environ.get(key) for key in SLURM_VARS + LAUNCH_VARS} == ORIGINAL

@@ -4,10 +4,11 @@ data-parallel ranks, precision. Real DeepSpeed engines, 2 CPU ranks over gloo.""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
-from conftest import launch, losses, run_jobs, tiny_overrides
+from conftest import PY, child_env, launch, losses, run_jobs, tiny_overrides
 
 STAGES = (0, 1, 2, 3)
 
@@ -16,9 +17,19 @@ def rel_close(a: list[float], b: list[float], tol: float) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= tol * max(abs(x), abs(y), 1e-12) for x, y in zip(a, b))
 
 
+def build_cpu_adam() -> None:
+    """JIT-build DeepSpeed's CPU Adam in one process before the ranks need it. Built inside a
+    2-rank launch, one rank compiles while the other busy-waits in a collective on the same 2
+    cores, and a one-minute build took over fifteen."""
+    code = "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()"
+    proc = subprocess.run([PY, "-c", code], env=child_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def two_rank(corpus, tmp_path_factory):
     """One launch of 2 ranks that trains every configuration this module compares."""
+    build_cpu_adam()
     work = tmp_path_factory.mktemp("two-rank")
     out = work / "runs"
     jobs = [{"name": f"fp32_z{z}", "config": None,

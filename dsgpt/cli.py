@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
     _add_config(sub)
+    _add_failure(sub)
     return parser
 
 
@@ -52,6 +53,28 @@ def _run_config(args) -> int:
                             + ". Run `dsgpt config CONFIG` to see every key.")
         node = node[part]
     print(node if not isinstance(node, dict) else yaml.safe_dump(node, sort_keys=False), end="\n" if not isinstance(node, dict) else "")
+    return 0
+
+
+def _add_failure(sub) -> None:
+    p = sub.add_parser(
+        "failure",
+        help="print why a multi-rank run failed (the watchdog's verdict), if a rank recorded one",
+        description="Print the paragraph a rank wrote when it found a peer dead, stopped or hung "
+                    "(RUN_DIR/heartbeats/failure.json). Exit status 1 when there is none.",
+    )
+    p.add_argument("run_dir", help="the run directory (runs/NAME)")
+    p.add_argument("--since", type=float, default=0.0, metavar="EPOCH",
+                   help="ignore a verdict written before this time (seconds since the epoch)")
+    p.set_defaults(func=_run_failure)
+
+
+def _run_failure(args) -> int:
+    from dsgpt.watchdog import verdict_message
+    message = verdict_message(args.run_dir, args.since)
+    if message is None:
+        return 1
+    print(message)
     return 0
 
 

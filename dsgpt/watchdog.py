@@ -484,6 +484,21 @@ def start_for_run(ctx, run_dir, timeout_s: float, interval_s: float = 2.0, **kw)
     return w.start()
 
 
+def verdict_message(run_dir, since: float = 0.0) -> Optional[str]:
+    """The paragraph of the launch's verdict in RUN_DIR/heartbeats, if one was written at or after
+    `since` (seconds since the epoch). The rank that printed it may have been killed before its
+    output reached the job log (srun tears a failed step down at once): a batch script reads it
+    back from here after the step ended."""
+    data, _ = _read_json(Path(run_dir) / "heartbeats" / VERDICT)
+    if data is None or not isinstance(data.get("now"), (int, float)) or data["now"] < since:
+        return None
+    failure = _from_dict(data.get("failure"))
+    if failure is None:
+        return None
+    message = (data.get("failure") or {}).get("message")
+    return message or f"dsgpt: {failure.cause()}"
+
+
 # ---- helpers ----------------------------------------------------------------------------------
 
 

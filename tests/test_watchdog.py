@@ -73,6 +73,28 @@ def test_a_silent_peer_is_named_after_the_timeout_not_before(tmp_path):
     assert json.loads((tmp_path / "rank00000.json").read_text())["state"] == "failed"
 
 
+def test_the_verdict_is_read_back_for_the_job_log(tmp_path):
+    # srun may kill the detecting rank before its stderr reaches the job log; the batch script then
+    # prints the verdict from the run dir with `dsgpt failure RUN_DIR --since START`.
+    from dsgpt.cli import main
+    from dsgpt.watchdog import verdict_message
+    hb = tmp_path / "heartbeats"
+    assert verdict_message(tmp_path) is None and main(["failure", str(tmp_path)]) == 1
+    clock = Clock()
+    a = Watchdog(hb, 0, 2, "host0", 0, timeout_s=10, interval_s=1, on_failure=lambda f: None,
+                 launch_id="L1", clock=clock, wall=lambda: 5000.0).start(thread=False)
+    b = Watchdog(hb, 1, 2, "host1", 1, timeout_s=10, interval_s=1, on_failure=lambda f: None,
+                 launch_id="L1", clock=clock, wall=lambda: 5000.0).start(thread=False)
+    a.progress(7), b.progress(7)
+    tick(clock, 2, a, b)
+    _, _, f = tick(clock, 15, a)[0]
+    a._fail(f)
+    message = verdict_message(tmp_path, since=4999.0)
+    assert message == f.message and "rank 1 on host host1 (node 1" in message
+    assert verdict_message(tmp_path, since=5001.0) is None  # an earlier launch's verdict
+    assert main(["failure", str(tmp_path), "--since", "5001"]) == 1
+
+
 def test_leftovers_of_an_earlier_launch_are_ignored(tmp_path):
     # An earlier launch (id OLD) failed here: rank 1's file says failed and a verdict exists.
     old = {"launch_id": "OLD", "rank": 1, "world_size": 2, "host": "old", "pid": 1, "seq": 9,

@@ -20,6 +20,7 @@ from dsgpt.errors import UserError
 from dsgpt.io import atomic_write_json, atomic_write_text
 from dsgpt.runs import STATE_FILE, list_tags, read_state, tag_for
 
+
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -42,7 +42,7 @@ def measure_cpu_peak_flops(precision: str = "fp32", seconds: float = 0.3) -> flo
     """Best observed matmul FLOP/s on this process's threads: the CPU's practical peak."""
     import torch
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    n = 512 if dtype == torch.float32 else 128  # bf16 matmul is emulated on most CPUs: keep it short
+    n = 512 if dtype == torch.float32 else 128  # bf16 matmul is emulated on CPUs without bf16 instructions: keep it short
     gen = torch.Generator().manual_seed(0)  # leave the global RNG alone: exact resume depends on it
     a = torch.randn(n, n, generator=gen).to(dtype)
     b = torch.randn(n, n, generator=gen).to(dtype)

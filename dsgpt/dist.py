@@ -12,6 +12,7 @@ import datetime
 import os
 import socket
 import subprocess
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -180,6 +181,9 @@ def setup(timeout_minutes: float = 10.0) -> DistContext:
         threads = threads or max(1, (os.cpu_count() or 1) // max(1, launch.local_world))
         torch.set_num_threads(threads)
     import deepspeed
+    # DeepSpeed's ZeRO calls torch collectives that newer torch marks deprecated, once per step:
+    # nothing a user can act on, and it buries the training log.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     backend = "nccl" if on_gpu else "gloo"
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,

@@ -64,10 +64,18 @@ def resolve_ds_config(cfg: Config, world_size: int, on_gpu: bool) -> dict:
     _fill(conf, "steps_per_print", cfg.deepspeed.steps_per_print or 10**9, problems, "", "deepspeed.steps_per_print")
 
     zero = conf.setdefault("zero_optimization", {})
+    template_stage = zero.get("stage", 0)
     if cfg.deepspeed.zero_stage is not None:
         zero["stage"] = cfg.deepspeed.zero_stage
     zero.setdefault("stage", 0)
     stage = zero["stage"]
+    # Where the stage came from, for the offload messages: a run config that sets
+    # deepspeed.zero_stage (configs/tiny.yaml does) overrides the template's stage.
+    if cfg.deepspeed.zero_stage is not None and cfg.deepspeed.zero_stage != template_stage:
+        stage_from = (f"deepspeed.zero_stage={stage} in the run config overrides the template's stage "
+                      f"{template_stage!r}")
+    else:
+        stage_from = f"the stage is {stage}"
     if stage not in (0, 1, 2, 3):
         problems.append(f"  - zero_optimization.stage is {stage!r}; DeepSpeed has stages 0, 1, 2 and 3")
         stage = None  # e.g. "auto" or "3": the offload checks below cannot compare it
@@ -87,9 +95,11 @@ def resolve_ds_config(cfg: Config, world_size: int, on_gpu: bool) -> dict:
         if isinstance(off, dict) and off.get("pin_memory") == AUTO:
             off["pin_memory"] = on_gpu
     if stage is not None and stage < 3 and isinstance(zero.get("offload_param"), dict):
-        problems.append("  - offload_param needs ZeRO stage 3; use ds_configs/zero3_offload.json or drop offload_param")
+        problems.append(f"  - offload_param needs ZeRO stage 3 but {stage_from}; set deepspeed.zero_stage=3, "
+                        f"or drop offload_param from the template")
     if stage == 0 and isinstance(zero.get("offload_optimizer"), dict):
-        problems.append("  - offload_optimizer needs ZeRO stage 1 or more; set deepspeed.zero_stage=2")
+        problems.append(f"  - offload_optimizer needs ZeRO stage 1 or more but {stage_from}; set "
+                        f"deepspeed.zero_stage=2, or drop offload_optimizer from the template")
 
     # Precision: the run config's `precision` decides, whatever the template says.
     conf.setdefault("bf16", {})["enabled"] = cfg.precision == "bf16"

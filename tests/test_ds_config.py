@@ -222,6 +222,20 @@ def test_offload_param_needs_stage_3(stage):
     assert ("offload_optimizer needs ZeRO stage 1" in msg) is (stage == 0)
 
 
+def test_a_shipped_config_takes_another_template_whole():
+    # The shipped configs leave deepspeed.zero_stage unset, so choosing a template is enough.
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    cfg = load_config(str(tiny), ["deepspeed.config=ds_configs/zero3_offload.json"])
+    zero = resolve_ds_config(cfg, 2, False)["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu"
+
+
+def test_an_overriding_stage_is_named_in_the_offload_message():
+    msg = refusal("deepspeed.config=ds_configs/zero3_offload.json", "deepspeed.zero_stage=1")
+    assert "deepspeed.zero_stage=1 in the run config overrides the template's stage 3" in msg
+    assert "set deepspeed.zero_stage=3" in msg
+
+
 def test_offload_param_with_stage_3_is_fine():
     conf = resolve("deepspeed.config=ds_configs/zero3_offload.json", "deepspeed.zero_stage=3")
     assert conf["zero_optimization"]["offload_param"]["device"] == "cpu"

@@ -9,19 +9,17 @@ drops the warmup steps, prints the figures and appends a row to bench/RESULTS.md
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
-from importlib import metadata
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-HEADER = ("| date | machine | device | ranks | config | model | precision | ZeRO | micro x GAS x seq "
-          "| tokens/s | MFU | peak mem GB | versions |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+from bench import common  # noqa: E402  (after the path: runs as a script from any directory)
+
+SECTION = "Training throughput (bench/throughput.py)"
+COLUMNS = ["date", "machine", "device", "ranks", "config", "model", "precision", "ZeRO", "micro x GAS x seq",
+           "tokens/s", "MFU", "peak mem GB", "versions"]
 
 
 def main(argv=None) -> int:
@@ -37,38 +35,20 @@ def main(argv=None) -> int:
     import torch
 
     from dsgpt import dist
-    from dsgpt.config import load_config
-    from dsgpt.ds_config import resolve_ds_config
-    from dsgpt.metrics import memory_stats, peak_flops
-    from dsgpt.model import GPT, flops_per_token
-    from dsgpt.train.engine import build_engine
-    from dsgpt.train.run_setup import check_precision, model_config
+    from dsgpt.metrics import peak_flops
+    from dsgpt.model import flops_per_token
     from dsgpt.train.step import train_step
 
-    cfg = load_config(args.config, args.overrides)
-    check_precision(cfg)
-    ctx = dist.setup()
-    # The vocabulary the config would train with: the built-in corpus's, or GPT-2's size.
-    vocab = cfg.data.builtin_vocab_size if cfg.data.path == "builtin" else 50257
-    mcfg = model_config(cfg, vocab_size=vocab)
-    torch.manual_seed(cfg.run.seed + ctx.rank)
-    model = GPT(mcfg)
-    n_params = model.num_params(non_embedding=False)
-    engine, _ = build_engine(model, cfg, resolve_ds_config(cfg, ctx.world_size, ctx.on_gpu), ctx.on_gpu)
-    t = cfg.train
+    b = common.build(args.config, args.overrides)
+    ctx, t, mcfg = b.ctx, b.cfg.train, b.mcfg
     gen = torch.Generator().manual_seed(ctx.rank)
-
-    def batch():
-        x = torch.randint(0, mcfg.vocab_size, (t.micro_batch_size, mcfg.block_size + 1), generator=gen)
-        return [(x[:, :-1], x[:, 1:])] * t.grad_accum_steps
-
     times = []
     for i in range(args.warmup + args.steps):
-        mb = batch()
+        mb = common.random_micro_batches(b, gen)
         if ctx.on_gpu:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train_step(engine, mb, ctx.world_size, ctx.device)
+        train_step(b.engine, mb, ctx.world_size, ctx.device)
         if ctx.on_gpu:
             torch.cuda.synchronize()
         if i >= args.warmup:
@@ -76,28 +56,23 @@ def main(argv=None) -> int:
     tokens = t.micro_batch_size * t.grad_accum_steps * ctx.world_size * mcfg.block_size
     step_time = statistics.median(times)
     tok_s = tokens / step_time
-    peak = peak_flops(ctx.device_type, cfg.precision)
+    peak = peak_flops(ctx.device_type, b.cfg.precision)
     mfu = flops_per_token(mcfg) * tok_s / (peak * ctx.world_size) if peak else float("nan")
-    mem = max(memory_stats(ctx.device_type).values())
+    mem = max(dist.all_reduce_max([common.peak_memory_gb(ctx.on_gpu)], ctx.device))
     if ctx.is_main:
-        device = torch.cuda.get_device_name() if ctx.on_gpu else f"CPU x{torch.get_num_threads()} threads"
-        model = f"{mcfg.n_layer}L/{mcfg.n_embd}d/{mcfg.n_head}h, vocab {mcfg.vocab_size} ({n_params / 1e6:.1f}M)"
-        zero = engine.zero_optimization_stage()
-        print(f"{args.config}: {model}, {cfg.precision}, ZeRO {zero}, {ctx.world_size} rank(s) on {device}")
+        device, model = common.device_name(b), common.model_name(b)
+        zero = b.engine.zero_optimization_stage()
+        print(f"{args.config}: {model}, {b.cfg.precision}, ZeRO {zero}, {ctx.world_size} rank(s) on {device}")
         print(f"  step time {step_time * 1000:.1f} ms (median of {len(times)}), {tok_s:,.0f} tokens/s, "
               f"MFU {mfu:.1%} (peak {peak / 1e12 if peak else float('nan'):.3f} TFLOP/s per device), "
-              f"peak memory {mem:.2f} GB")
+              f"peak memory {mem:.2f} GB (the largest rank's)")
         if not args.no_record:
-            versions = ", ".join(f"{n} {metadata.version(n)}" for n in ("torch", "deepspeed"))
-            row = (f"| {time.strftime('%Y-%m-%d')} | {platform.node()} ({os.cpu_count()} cores) | {device} | "
-                   f"{ctx.world_size} | {args.config} {' '.join(args.overrides)} | {model} | {cfg.precision} | "
-                   f"{zero} | {t.micro_batch_size} x {t.grad_accum_steps} x {mcfg.block_size} | {tok_s:,.0f} | "
-                   f"{mfu:.1%} | {mem:.2f} | {versions} |\n")
-            if not RESULTS.exists():
-                RESULTS.write_text("# Benchmark results\n\nAppended by `bench/*.py`; MFU uses "
-                                   "6N + 12*L*H*Q*T FLOPs per token (see dsgpt/metrics.py).\n\n" + HEADER)
-            with open(RESULTS, "a") as f:
-                f.write(row)
+            date, machine, versions = common.context_cells()
+            common.append_row(SECTION, COLUMNS, [
+                date, machine, device, str(ctx.world_size), f"{args.config} {' '.join(args.overrides)}".strip(),
+                model, b.cfg.precision, str(zero),
+                f"{t.micro_batch_size} x {t.grad_accum_steps} x {mcfg.block_size}", f"{tok_s:,.0f}",
+                f"{mfu:.1%}", f"{mem:.2f}", versions])
     dist.barrier()
     return 0
 

@@ -226,3 +226,13 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     td.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (a list of one without a process group)."""
+    import torch.distributed as td
+    if not (td.is_initialized() and td.get_world_size() > 1):
+        return [obj]
+    out = [None] * td.get_world_size()
+    td.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,38 @@
+"""The benchmarks' results file: each benchmark appends to its own table, whatever order they run in."""
+
+from __future__ import annotations
+
+from bench.common import append_row
+
+
+def table_rows(text: str, section: str) -> list[str]:
+    lines = text.splitlines()
+    start = lines.index(f"## {section}") + 1
+    rows = []
+    for line in lines[start:]:
+        if line.startswith("## "):
+            break
+        if line.startswith("| ") and not line.startswith("| date"):
+            rows.append(line)
+    return rows
+
+
+def test_rows_go_to_their_own_table(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    append_row("A", ["date", "x"], ["d1", "a1"], path)
+    append_row("B", ["date", "y", "z"], ["d1", "b1", "b1z"], path)
+    append_row("A", ["date", "x"], ["d2", "a2"], path)  # A is no longer the last section
+    text = path.read_text()
+    assert text.startswith("# Benchmark results")
+    assert table_rows(text, "A") == ["| d1 | a1 |", "| d2 | a2 |"]
+    assert table_rows(text, "B") == ["| d1 | b1 | b1z |"]
+    assert text.count("| date | x |") == 1 and text.count("|---|---|---|") == 1
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_shipped_results_file_has_one_table_per_section():
+    from bench.common import RESULTS
+    text = RESULTS.read_text()
+    for line in text.splitlines():
+        if line.startswith("## "):
+            assert table_rows(text, line[3:]), line

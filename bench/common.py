@@ -33,8 +33,7 @@ def build(config: str, overrides: list[str]) -> Bench:
     from dsgpt import dist
     from dsgpt.config import load_config
     from dsgpt.ds_config import resolve_ds_config
-    from dsgpt.model import GPT
-    from dsgpt.train.engine import build_engine
+    from dsgpt.train.engine import build_engine, build_model
     from dsgpt.train.run_setup import check_precision, model_config
 
     cfg = load_config(config, overrides)
@@ -43,9 +42,10 @@ def build(config: str, overrides: list[str]) -> Bench:
     vocab = cfg.data.builtin_vocab_size if cfg.data.path == "builtin" else 50257
     mcfg = model_config(cfg, vocab_size=vocab)
     torch.manual_seed(cfg.run.seed + ctx.rank)
-    model = GPT(mcfg)
+    ds_config = resolve_ds_config(cfg, ctx.world_size, ctx.on_gpu)
+    model = build_model(mcfg, ds_config)
     n_params = model.num_params(non_embedding=False)
-    engine, _ = build_engine(model, cfg, resolve_ds_config(cfg, ctx.world_size, ctx.on_gpu), ctx.on_gpu)
+    engine, _ = build_engine(model, cfg, ds_config, ctx.on_gpu)
     return Bench(cfg, ctx, mcfg, engine, n_params)
 
 

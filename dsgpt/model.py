@@ -138,17 +138,19 @@ class GPT(nn.Module):
         # Tied input/output embeddings (GPT-2): one matrix, trained by both uses.
         self.lm_head.weight = self.transformer.wte.weight
 
-        self.apply(self._init_weights)
         # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layer)
         # (two per block), so the stream's variance does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        for name, module in self.named_modules():
+            if name.endswith("c_proj"):
+                module.residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        # Initialize through apply() only: under ZeRO-3's deepspeed.zero.Init the parameters are
+        # already sharded here, and DeepSpeed makes each module's whole around an apply() call.
+        self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=getattr(module, "residual_std", 0.02))
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -157,9 +159,11 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; tied weights once. ``non_embedding`` subtracts only the position table:
         the token table is also the output layer, so it does real work per token."""
-        n = sum(p.numel() for p in self.parameters())
+        def numel(p):  # a ZeRO-3 shard knows its whole size
+            return getattr(p, "ds_numel", p.numel())
+        n = sum(numel(p) for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            n -= numel(self.transformer.wpe.weight)
         return n
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -227,7 +231,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        # The whole shape: a parameter built sharded under ZeRO-3 (zero.Init) holds an empty
+        # tensor here, and would otherwise land among the biases without weight decay.
+        shape = getattr(p, "ds_shape", p.shape)
+        (decay if len(shape) >= 2 else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

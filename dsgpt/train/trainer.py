@@ -109,8 +109,8 @@ class Run:
     def __init__(self, cfg: Config, ctx: dist.DistContext, argv: list[str]):
         from dsgpt.ds_config import resolve_ds_config
         from dsgpt.metrics import MetricsLogger, peak_flops
-        from dsgpt.model import GPT, flops_per_token
-        from dsgpt.train.engine import build_engine, describe_engine
+        from dsgpt.model import flops_per_token
+        from dsgpt.train.engine import build_engine, build_model, describe_engine
 
         self.cfg, self.ctx, self.t = cfg, ctx, cfg.train
         self.run_dir = cfg.run.dir
@@ -123,7 +123,8 @@ class Run:
         # Different dropout masks per rank; the batches themselves depend only on (seed, step).
         _seed_everything(cfg.run.seed + ctx.rank)
         ds_config = resolve_ds_config(cfg, ctx.world_size, ctx.on_gpu)
-        self.engine, ds_config = build_engine(GPT(self.mcfg), cfg, ds_config, ctx.on_gpu)
+        model = build_model(self.mcfg, ds_config)  # sharded from the start under ZeRO-3
+        self.engine, ds_config = build_engine(model, cfg, ds_config, ctx.on_gpu)
         self.device = ctx.device
         self._announce(describe_engine(self.engine))
 

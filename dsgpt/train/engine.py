@@ -60,7 +60,8 @@ def build_model(mcfg, ds_config: dict):
     """The GPT for this DeepSpeed config. Under ZeRO-3 it is built sharded (deepspeed.zero.Init):
     each module's parameters are partitioned as soon as the module exists, so no rank ever holds
     the whole model and one larger than a rank's memory can be built. Rank 0's initialization is
-    the one kept, so a seed gives the same model under every stage."""
+    the one kept; on CPU a seed gives the same model as the other stages (on a GPU the draws come
+    from the GPU's generator, since zero.Init allocates there)."""
     from dsgpt.model import GPT
     if ds_config.get("zero_optimization", {}).get("stage") != 3:
         return GPT(mcfg)

@@ -102,6 +102,8 @@ def append_row(section: str, columns: list[str], cells: list[str], path: Path = 
     row = "| " + " | ".join(cells) + " |"
     heading = f"## {section}"
     if heading not in lines:
+        while lines and not lines[-1].strip():  # one blank line before the new section
+            lines.pop()
         lines += ["", heading, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         at = len(lines)
     else:

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     tok_s = tokens / step_time
     peak = peak_flops(ctx.device_type, b.cfg.precision)
     mfu = flops_per_token(mcfg) * tok_s / (peak * ctx.world_size) if peak else float("nan")
-    mem = max(dist.all_reduce_max([common.peak_memory_gb(ctx.on_gpu)], ctx.device))
+    (mem,) = dist.all_reduce_max([common.peak_memory_gb(ctx.on_gpu)], ctx.device)
     if ctx.is_main:
         device, model = common.device_name(b), common.model_name(b)
         zero = b.engine.zero_optimization_stage()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,15 +55,12 @@ def measure(config: str, overrides: list[str], steps: int, out: Path) -> None:
 
 
 def launch_stage(args, stage: int, out: Path) -> dict:
+    from dsgpt.dist import free_port, gpu_available
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(deepspeed), "--num_gpus", str(args.ranks), "--master_port", str(port), __file__,
+    cmd = [str(deepspeed), "--num_gpus", str(args.ranks), "--master_port", str(free_port()), __file__,
            "--measure", str(out), "--config", args.config, "--steps", str(args.steps),
            *args.overrides, f"deepspeed.zero_stage={stage}"]
     env = dict(os.environ)
-    from dsgpt.dist import gpu_available
     if not gpu_available():
         env["DS_ACCELERATOR"] = "cpu"  # say it, rather than have DeepSpeed guess (and warn) per rank
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

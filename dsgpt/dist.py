@@ -43,7 +43,8 @@ class DistContext:
         return torch.device(f"cuda:{self.local_rank}") if self.on_gpu else torch.device("cpu")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on this host that nothing listens on now (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -118,7 +119,7 @@ def _from_mpi() -> _Launch:
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     nodes = comm.allgather(socket.gethostname() if local.Get_rank() == 0 else None)
     node_rank = [h for h in nodes if h is not None].index(local.bcast(socket.gethostname(), root=0))
-    addr, port = comm.bcast((socket.gethostname(), _free_port()) if comm.Get_rank() == 0 else None, root=0)
+    addr, port = comm.bcast((socket.gethostname(), free_port()) if comm.Get_rank() == 0 else None, root=0)
     os.environ.setdefault("MASTER_ADDR", addr)
     os.environ.setdefault("MASTER_PORT", str(port))
     return _Launch(rank=comm.Get_rank(), local_rank=local.Get_rank(), world=comm.Get_size(),
@@ -138,7 +139,7 @@ def _discover() -> _Launch:
         return _from_mpi()
     # A plain `python launch/train.py`: a world of one, on a free local port.
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("MASTER_PORT", str(free_port()))
     return _Launch(rank=0, local_rank=0, world=1, local_world=1, node_rank=0, launcher="single")
 
 

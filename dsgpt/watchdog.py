@@ -492,11 +492,10 @@ def verdict_message(run_dir, since: float = 0.0) -> Optional[str]:
     data, _ = _read_json(Path(run_dir) / "heartbeats" / VERDICT)
     if data is None or not isinstance(data.get("now"), (int, float)) or data["now"] < since:
         return None
-    failure = _from_dict(data.get("failure"))
+    failure = _from_dict(data.get("failure"))  # None unless a dict
     if failure is None:
         return None
-    message = (data.get("failure") or {}).get("message")
-    return message or f"dsgpt: {failure.cause()}"
+    return data["failure"].get("message") or f"dsgpt: {failure.cause()}"
 
 
 # ---- helpers ----------------------------------------------------------------------------------

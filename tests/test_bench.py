@@ -27,7 +27,7 @@ def test_rows_go_to_their_own_table(tmp_path):
     assert table_rows(text, "A") == ["| d1 | a1 |", "| d2 | a2 |"]
     assert table_rows(text, "B") == ["| d1 | b1 | b1z |"]
     assert text.count("| date | x |") == 1 and text.count("|---|---|---|") == 1
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp")) and "\n\n\n" not in text
 
 
 def test_the_shipped_results_file_has_one_table_per_section():

@@ -16,6 +16,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+from dsgpt import hygiene
+
 
 @dataclass
 class DistContext:
@@ -164,6 +166,15 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _sweep_leftovers(launch: _Launch, on_gpu: bool) -> None:
+    """Before DeepSpeed builds ops (its shm op at init, CPU Adam later) and makes shared memory:
+    remove build locks and all-reduce buffers that killed runs left behind."""
+    # Under slurm/mpirun the extension dir is this node's own (_export); see the sweep's notes.
+    hygiene.sweep_stale_build_locks(per_node=launch.launcher in ("slurm", "mpi"))
+    if not on_gpu:  # DeepSpeed's shm all-reduce exists on its CPU accelerator only
+        hygiene.sweep_stale_shm(world_size=launch.world)
+
+
 def setup(timeout_minutes: float = 10.0) -> DistContext:
     """Bring this rank into the process group. Must run before DeepSpeed picks its accelerator."""
     launch = _discover()
@@ -181,6 +192,7 @@ def setup(timeout_minutes: float = 10.0) -> DistContext:
         threads = _int_env("SLURM_CPUS_PER_TASK") if launch.launcher == "slurm" else None
         threads = threads or max(1, (os.cpu_count() or 1) // max(1, launch.local_world))
         torch.set_num_threads(threads)
+    _sweep_leftovers(launch, on_gpu)
     import deepspeed
     # DeepSpeed's ZeRO calls torch collectives that newer torch marks deprecated, once per step:
     # nothing a user can act on, and it buries the training log.
@@ -189,6 +201,12 @@ def setup(timeout_minutes: float = 10.0) -> DistContext:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+        if not on_gpu:
+            # Every peer has mapped every rank's all-reduce buffer once all passed init: each
+            # rank's name can go now, so no exit (SIGKILL included) leaves it in /dev/shm.
+            if launch.world > 1:
+                torch.distributed.barrier()
+            hygiene.release_own_shm(launch.rank)
     return DistContext(rank=launch.rank, local_rank=launch.local_rank, world_size=launch.world,
                        local_world_size=launch.local_world, node_rank=launch.node_rank, backend=backend,
                        device_type="cuda" if on_gpu else "cpu", launcher=launch.launcher,

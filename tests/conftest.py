@@ -18,6 +18,23 @@ PY = sys.executable
 DEEPSPEED = str(Path(PY).parent / "deepspeed")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_shm_buffers():
+    """Fail the session if it leaves DeepSpeed all-reduce buffers in /dev/shm (RAM) that no live
+    process uses; ones in use belong to a concurrent job on this machine and are not counted."""
+    from dsgpt import hygiene
+    before = set(hygiene.shm_segments())
+    yield
+    new = [p for p in hygiene.shm_segments() if p not in before]
+    leaked = sorted(set(new) - hygiene.held(new, maps=True))
+    if leaked:
+        for path in leaked:  # give the RAM back; the failure below still names them
+            path.unlink(missing_ok=True)
+        pytest.fail(f"this test session (or a concurrent one on this machine) leaked {len(leaked)} DeepSpeed "
+                    f"shared-memory buffer(s) in /dev/shm, now removed: {', '.join(p.name for p in leaked)}",
+                    pytrace=False)
+
+
 def _cuda() -> bool:
     import torch
     return torch.cuda.is_available()
@@ -84,6 +101,10 @@ def run_jobs(jobs: list[dict], ranks: int, work: Path, timeout: float = 900, env
 
 def losses(summary: dict) -> list[float]:
     return [summary["losses"][k] for k in sorted(summary["losses"], key=int)]
+
+
+def grad_norms(summary: dict) -> list[float]:
+    return [summary["grad_norms"][k] for k in sorted(summary["grad_norms"], key=int)]
 
 
 @pytest.fixture(scope="session")

@@ -63,7 +63,7 @@ class TrainSection(Section):
     micro_batch_size: int = Field(8, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
     eval_interval: int = Field(50, ge=1)
-    eval_batches: int = Field(8, ge=1)  # validation batches per evaluation, counted over all ranks
+    eval_batches: int = Field(8, ge=1)  # validation set: eval_batches x eval batch size windows, any rank count
     log_interval: int = Field(1, ge=1)
     save_interval: int = Field(100, ge=1)
     keep_last: int = Field(2, ge=1)
@@ -82,19 +82,21 @@ class TrainSection(Section):
 
 
 class OptimSection(Section):
-    lr: float = 6e-4
-    min_lr: float = 6e-5
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 = off
+    # Ranges as field constraints, so one message lists every bad key with its allowed range
+    # (torch would otherwise fail on each rank with a traceback).
+    lr: float = Field(6e-4, gt=0)
+    min_lr: float = Field(6e-5, ge=0)  # the floor decaying schedules end at (capped at lr)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)  # 0 = off
     schedule: Literal["cosine", "linear", "step", "exponential", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
-    decay_steps: Optional[int] = None  # None = train.max_steps - warmup
+    decay_steps: Optional[int] = Field(None, ge=1)  # None = train.max_steps - warmup
     step_size: int = Field(100, ge=1)  # `step`: multiply by step_gamma every step_size steps
-    step_gamma: float = 0.1
-    exp_gamma: Optional[float] = None  # `exponential`: None = reach min_lr at the end
+    step_gamma: float = Field(0.1, gt=0, le=1)
+    exp_gamma: Optional[float] = Field(None, gt=0, le=1)  # `exponential`: None = reach min_lr at the end
 
     @model_validator(mode="after")
     def _check(self):
@@ -213,6 +215,45 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _field(loc: tuple):
+    """The pydantic FieldInfo at a validation error's location, or None (unknown key, list item)."""
+    model_cls, field = Config, None
+    for part in loc:
+        if not (isinstance(model_cls, type) and issubclass(model_cls, BaseModel)):
+            return None
+        field = model_cls.model_fields.get(str(part))
+        if field is None:
+            return None
+        model_cls = field.annotation
+    return field
+
+
+def allowed_range(loc: tuple) -> Optional[str]:
+    """A field's numeric bounds as an inequality, e.g. '0 <= optim.beta2 < 1'; None if it has none."""
+    field = _field(loc)
+    if field is None:
+        return None
+    key = ".".join(str(p) for p in loc)
+    lower = upper = None
+    for m in field.metadata:
+        kind = type(m).__name__
+        if kind in ("Gt", "Ge"):
+            lower = ("<" if kind == "Gt" else "<=", getattr(m, kind.lower()))
+        elif kind in ("Lt", "Le"):
+            upper = ("<" if kind == "Lt" else "<=", getattr(m, kind.lower()))
+    if lower and upper:
+        text = f"{lower[1]:g} {lower[0]} {key} {upper[0]} {upper[1]:g}"
+    elif lower:  # `key > 0` reads better than `0 < key`
+        text = f"{key} {lower[0].replace('<', '>')} {lower[1]:g}"
+    elif upper:
+        text = f"{key} {upper[0]} {upper[1]:g}"
+    else:
+        return None
+    if type(None) in getattr(field.annotation, "__args__", ()):
+        text += ", or null for the default"
+    return text
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
@@ -225,7 +266,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
         elif e["type"] == "value_error":
             lines.append(f"  - {e['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"  - '{key}' = {e['input']!r}: {e['msg'].lower()}")
+            allowed = allowed_range(e["loc"])
+            lines.append(f"  - '{key}' = {e['input']!r}: {e['msg'].lower()}" +
+                         (f" (allowed: {allowed})" if allowed else ""))
     return (
         f"The run config from {source} has {len(lines)} problem(s):\n" + "\n".join(lines) +
         "\nFix these keys in the YAML file or the key=value overrides; every valid key and its "

@@ -464,14 +464,14 @@ def test_batches_are_pure_functions_of_seed_and_step(data, prepared):
 
 def test_val_batches_fixed_and_shared_between_ranks(data, prepared):
     full = read_split(prepared, "val").astype(np.int64)
-    single = list(data.val_batches(n_batches=4, batch_size=2, rank=0, world=1))
-    again = list(data.val_batches(n_batches=4, batch_size=2, rank=0, world=1))
+    single = list(data.val_batches(n_windows=8, batch_size=2, rank=0, world=1))
+    again = list(data.val_batches(n_windows=8, batch_size=2, rank=0, world=1))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(single, again))
     x1, y1 = cat(single)
     assert x1.shape == (8, 16) and torch.equal(x1[:, 1:], y1[:, :-1])
     rows = [full[s : s + 17].tolist() for s in data.val_starts(8)]
     assert torch.cat([x1, y1[:, -1:]], 1).tolist() == rows
-    shares = [cat(list(data.val_batches(2, 2, r, 2))) for r in range(2)]
+    shares = [cat(list(data.val_batches(8, 2, r, 2))) for r in range(2)]
     assert torch.equal(x1, torch.cat([s[0] for s in shares]))
     # A huge request is capped by the val split; predicted tokens never overlap.
     starts = data.val_starts(10**6)
@@ -484,14 +484,16 @@ def test_val_with_fewer_windows_than_ranks(tmp_path, txt_files):
     n_val = json.loads((tmp_path / "d" / "meta.json").read_text())["n_val_tokens"]
     data = TokenData(tmp_path / "d", block_size=n_val - 1, seed=0)
     shares = [list(data.val_batches(4, 4, r, 3)) for r in range(3)]
-    # Every rank gets a window (ZeRO-3 forwards are collective): overlapping ones, if need be.
+    # Every rank runs a forward (ZeRO-3 forwards are collective); only rank 0's window counts.
     assert [len(s) for s in shares] == [1, 1, 1]
     assert all(x.shape == (1, n_val - 1) for ((x, _),) in shares)
+    assert (shares[0][0][1] >= 0).all()
+    assert all((y == -100).all() for ((_, y),) in shares[1:])
 
 
 def test_val_batches_equal_count_on_every_rank(data):
     for world in (2, 3, 5):
-        counts = {len(list(data.val_batches(3, 2, r, world))) for r in range(world)}
+        counts = {len(list(data.val_batches(6, 2, r, world))) for r in range(world)}
         assert len(counts) == 1, (world, counts)
 
 

@@ -5,6 +5,9 @@ global batch come from `np.random.default_rng([seed, step])`, and each rank take
 slice of them, cut into consecutive micro-batches. So a resumed run sees exactly the batches it
 would have seen, and the same step gives the same sequences whatever the split into ranks and
 micro-steps (2 ranks x micro 4 == 1 rank x micro 8 == 1 rank x micro 4 x GAS 2).
+
+The validation set is a fixed list of evenly spaced windows that does not depend on the number
+of ranks; each rank evaluates an equal-length share of it, padded with fully masked windows.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from dsgpt.data.prepare import FORMAT_VERSION
 from dsgpt.errors import UserError
+from dsgpt.model import IGNORE_INDEX
 
 _PREPARE_HINT = "run `dsgpt prepare --input FILES --out {path} --vocab-size N` to create it"
 
@@ -153,35 +157,47 @@ class TokenData:
 
     # ---- validation -----------------------------------------------------------------------
 
-    def val_starts(self, n_windows: int, multiple_of: int = 1) -> np.ndarray:
-        """Starts of the fixed validation windows: up to `n_windows` (at least `multiple_of`),
-        a multiple of `multiple_of`, evenly spaced over the val split. They do not overlap
-        unless the split is too short to give every rank a window of its own."""
-        available = (self.val.n_tokens - 1) // self.block_size  # windows at multiples of block_size
-        count = max(1, min(int(n_windows), available)) // multiple_of * multiple_of
-        if count == 0:  # fewer whole windows than ranks: let them overlap instead
-            last = self.val.n_tokens - self.block_size - 1
-            return np.linspace(0, last, multiple_of).astype(np.int64)
+    def val_starts(self, n_windows: int) -> np.ndarray:
+        """Starts of the fixed validation set: `n_windows` windows (fewer if the val split is
+        short), evenly spaced over the val split, never overlapping.
+
+        A function of the val split, block_size and n_windows alone, never of the number of
+        ranks: the validation loss is the same on 1 rank, on N ranks and in launch/eval.py."""
+        available = (self.val.n_tokens - 1) // self.block_size  # >= 1: checked when opened
+        count = max(1, min(int(n_windows), available))
         stride = available // count
         return np.arange(count, dtype=np.int64) * stride * self.block_size
 
-    def val_batches(
-        self, n_batches: int, batch_size: int, rank: int, world: int
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's share of the fixed validation windows, as (x, y) batches of up to
-        `batch_size` (the last may be smaller).
+    def val_share(self, n_windows: int, rank: int, world: int) -> np.ndarray:
+        """Rank `rank`'s share of val_starts(n_windows): a contiguous slice of ceil(count / world)
+        starts, padded with -1 (a window whose labels are all masked) to that length.
 
-        The window set depends only on the val split, block_size and n_batches * batch_size *
-        world (fewer windows if val is small). Every rank gets the same number of windows and
-        so the same number of batches: under ZeRO-3 each forward is a collective, and a rank
-        with one batch more than the others would wait for them forever."""
+        Every rank gets a share of the same length, so the same number of forwards: under ZeRO-3
+        each forward is a collective, and a rank with one batch more would wait forever."""
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in [0, {world})")
-        if n_batches < 1 or batch_size < 1:
-            raise ValueError("n_batches and batch_size must be >= 1")
-        starts = np.split(self.val_starts(n_batches * batch_size * world, multiple_of=world), world)[rank]
-        for i in range(0, len(starts), batch_size):
-            yield _pair(self.val.windows(starts[i : i + batch_size], self.block_size + 1))
+        starts = self.val_starts(n_windows)
+        per_rank = -(-len(starts) // world)
+        share = starts[rank * per_rank : (rank + 1) * per_rank]
+        return np.concatenate([share, np.full(per_rank - len(share), -1, dtype=np.int64)])
+
+    def val_batches(
+        self, n_windows: int, batch_size: int, rank: int, world: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of the validation set (see val_share) as (x, y) batches of up to
+        `batch_size` windows (the last may be smaller). Padding windows have every label -100,
+        so they add no tokens to the summed loss."""
+        if n_windows < 1 or batch_size < 1:
+            raise ValueError("n_windows and batch_size must be >= 1")
+        share = self.val_share(n_windows, rank, world)
+        for i in range(0, len(share), batch_size):
+            yield self._val_batch(share[i : i + batch_size])
+
+    def _val_batch(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = starts < 0
+        # A padding window still needs real token ids for the forward; its labels are masked.
+        x, y = _pair(self.val.windows(np.where(pad, 0, starts), self.block_size + 1))
+        return x, y.masked_fill(torch.from_numpy(pad)[:, None], IGNORE_INDEX)
 
 
 def _pair(tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,10 +72,31 @@ def memory_stats(device_type: str) -> dict:
     return {"mem/rss_gb": psutil.Process().memory_info().rss / 2**30}
 
 
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of a metrics.jsonl logged at or before `step` (and no half-written line)."""
+    if not path.is_file():
+        return
+    from dsgpt.io import atomic_write_text
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            row_step = None
+        if isinstance(row_step, int) and row_step <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(kept))
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a logger that does nothing, so callers need no `if`."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, resume_step: int = 0):
+        """`resume_step`: the step the run continues from. Whatever an earlier launch logged after
+        it (it died before its next checkpoint) is dropped, so each step appears once."""
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
@@ -83,10 +104,12 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         # Append: a resumed run continues the same file and the same TensorBoard curves.
+        drop_rows_after(run_dir / "metrics.jsonl", resume_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+            # TensorBoard hides every earlier event at or after purge_step when it reads the logs.
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=resume_step + 1)
 
     def log(self, step: int, scalars: dict) -> None:
         if not self.enabled:

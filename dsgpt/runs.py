@@ -1,18 +1,25 @@
-"""Reading a run's checkpoints without an engine: which tag `latest`/`best` name, the state dsgpt
-saved beside DeepSpeed's files, and the full model weights from any ZeRO stage.
+"""Reading a run's checkpoints without an engine: which tag `latest`/`best` name, whether a
+checkpoint is complete, the state dsgpt saved beside DeepSpeed's files, and the full model weights
+from any ZeRO stage.
 
 Layout of `runs/NAME/checkpoints/`:
     step0000010/            one DeepSpeed tag: model + optimizer + scheduler shards
-        dsgpt_state.json    step, model/data fingerprint, eval and early-stop state (rank 0)
-        rng_rank00000.pt    each rank's RNG states (DeepSpeed does not save them)
+        rng_rank00000.json  each rank's RNG states (DeepSpeed does not save them)
+        dsgpt_state.json    step, model/data/seed fingerprint, eval and early-stop state (rank 0)
+        manifest.json       every file of the tag with its size, written last: the tag is
+                            intact when the files on disk match it
     latest                  the tag to resume from; moved only after every rank finished writing
     best                    the tag with the lowest validation loss, kept out of pruning
+
+Everything dsgpt itself writes here is JSON. DeepSpeed's own `*.pt` files are pickles that torch
+must unpickle to load: a checkpoint from elsewhere has to be trusted like code.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +29,7 @@ from dsgpt.errors import UserError
 
 TAG_RE = re.compile(r"^step(\d{7,})$")
 STATE_FILE = "dsgpt_state.json"
+MANIFEST_FILE = "manifest.json"
 
 
 def tag_for(step: int) -> str:
@@ -35,8 +43,47 @@ def list_tags(ckpt_dir: Path) -> list[str]:
     return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
 
 
+def tag_files(tag_dir: Path) -> dict[str, int]:
+    """Every file under a tag dir (relative path -> size), the manifest itself and temp files left out."""
+    files = {}
+    for p in sorted(tag_dir.rglob("*")):
+        rel = p.relative_to(tag_dir).as_posix()
+        if p.is_file() and rel != MANIFEST_FILE and not p.name.endswith(".tmp"):
+            files[rel] = p.stat().st_size
+    return files
+
+
+def damage(tag_dir: Path) -> Optional[str]:
+    """Why the checkpoint in `tag_dir` cannot be used, or None when it is intact.
+
+    A checkpoint is intact when its manifest (written last) matches the files on disk. One written
+    before manifests existed is taken as intact when its state file is there."""
+    if not (tag_dir / STATE_FILE).is_file():
+        return f"it has no {STATE_FILE} (the save did not finish)"
+    manifest_path = tag_dir / MANIFEST_FILE
+    if not manifest_path.exists():
+        return None
+    try:
+        expected = json.loads(manifest_path.read_bytes())["files"]
+        if not isinstance(expected, dict):
+            raise ValueError("'files' is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its {MANIFEST_FILE} is unreadable ({err})"
+    on_disk = tag_files(tag_dir)
+    for name, size in expected.items():
+        if name not in on_disk:
+            return f"{name} is missing"
+        if on_disk[name] != size:
+            return f"{name} is {on_disk[name]} bytes, the manifest says {size}"
+    return None
+
+
+def intact_tags(ckpt_dir: Path) -> list[str]:
+    return [t for t in list_tags(ckpt_dir) if damage(ckpt_dir / t) is None]
+
+
 def read_pointer(ckpt_dir: Path, name: str = "latest") -> Optional[str]:
-    """The tag named by `latest` (or `best`), checked to be a complete checkpoint."""
+    """The tag named by `latest` (or `best`); None when there is no such pointer."""
     pointer = ckpt_dir / name
     if not pointer.exists():
         return None
@@ -45,11 +92,11 @@ def read_pointer(ckpt_dir: Path, name: str = "latest") -> Optional[str]:
         tag = pointer.read_bytes().decode("utf-8", errors="replace").strip()
     except OSError as err:  # e.g. `latest` is a folder, or unreadable
         tag = f"<unreadable: {err.strerror or err}>"
-    if not TAG_RE.match(tag) or not (ckpt_dir / tag / STATE_FILE).is_file():
+    if not TAG_RE.match(tag) or not (ckpt_dir / tag).is_dir():
         found = ", ".join(list_tags(ckpt_dir)) or "none"
         raise UserError(
             f"The checkpoint pointer '{pointer}' is corrupt: it names {tag[:60]!r}, which is not a "
-            f"complete checkpoint in that folder (checkpoints found: {found}). Point train.resume to "
+            f"checkpoint in that folder (checkpoints found: {found}). Point train.resume to "
             f"one of them (e.g. train.resume={ckpt_dir / (list_tags(ckpt_dir) or ['stepNNNNNNN'])[-1]}), "
             f"or write its name into '{pointer}'."
         )
@@ -71,27 +118,55 @@ def read_state(tag_dir: Path) -> dict:
         ) from None
 
 
-def locate(resume: str, ckpt_dir: Path) -> Optional[tuple[Path, str]]:
-    """Where to resume from: (checkpoints dir, tag), or None for a fresh start.
+@dataclass
+class ResumePoint:
+    ckpt_dir: Path
+    tag: str
+    note: str = ""  # why this is not the checkpoint `latest` names, when it is not
 
-    `auto` continues this run's `latest` if there is one; an explicit path must hold a checkpoint:
-    a tag dir, a checkpoints dir with `latest`, or a run dir.
+    @property
+    def tag_dir(self) -> Path:
+        return self.ckpt_dir / self.tag
+
+
+def locate(resume: str, ckpt_dir: Path) -> Optional[ResumePoint]:
+    """Where to resume from, or None for a fresh start.
+
+    `auto` continues this run's `latest` when that checkpoint is intact, else the newest intact
+    one (saying which and why); an explicit path must hold a checkpoint: a tag dir, a checkpoints
+    dir with `latest`, or a run dir.
     """
     if resume == "never":
         return None
-    if resume == "auto":
-        tag = read_pointer(ckpt_dir)
-        return (ckpt_dir, tag) if tag else None
-    return locate_path(Path(resume), "train.resume")
+    if resume != "auto":
+        return locate_path(Path(resume), "train.resume")
+    tag = read_pointer(ckpt_dir)
+    if tag is not None:
+        why = damage(ckpt_dir / tag)
+        if why is None:
+            return ResumePoint(ckpt_dir, tag)
+        problem = f"the checkpoint `latest` names, {tag}, is damaged: {why}"
+    else:
+        problem = "no `latest` pointer was written"
+    good = intact_tags(ckpt_dir)
+    if not good:
+        if tag is None:
+            return None  # nothing was ever saved completely: a fresh start
+        raise UserError(f"Cannot resume from '{ckpt_dir}': {problem}, and no other checkpoint there is "
+                        f"intact. Delete the folder to start the run afresh, or choose a new run.name.")
+    return ResumePoint(ckpt_dir, good[-1], note=f"{problem}; resuming from the newest intact checkpoint, "
+                                                f"{good[-1]}, instead")
 
 
-def locate_path(path: Path, key: str) -> tuple[Path, str]:
+def locate_path(path: Path, key: str) -> ResumePoint:
     if (path / STATE_FILE).is_file():
-        return path.parent, path.name
+        _refuse_damaged(path, key)
+        return ResumePoint(path.parent, path.name)
     for candidate in (path, path / "checkpoints"):
         tag = read_pointer(candidate) if candidate.is_dir() else None
         if tag:
-            return candidate, tag
+            _refuse_damaged(candidate / tag, key)
+            return ResumePoint(candidate, tag)
     raise UserError(
         f"{key}={path} holds no checkpoint: expected a checkpoint folder (with {STATE_FILE}), a "
         f"checkpoints folder with a 'latest' file, or a run folder. Check the path, or set "
@@ -99,18 +174,37 @@ def locate_path(path: Path, key: str) -> tuple[Path, str]:
     )
 
 
+def _refuse_damaged(tag_dir: Path, key: str) -> None:
+    why = damage(tag_dir)
+    if why:
+        others = [t for t in intact_tags(tag_dir.parent) if t != tag_dir.name]
+        raise UserError(f"{key}: the checkpoint '{tag_dir}' is damaged ({why}). Point {key} at an intact "
+                        f"checkpoint (intact ones beside it: {', '.join(others) or 'none'}).")
+
+
+# What each fingerprint key means, for the message when a resumed config differs from the checkpoint.
+_FINGERPRINT_KEYS = {
+    "model": "the model shape",
+    "data_sha256": "the data",
+    "seed": "run.seed (each step's batch and the dropout masks follow from it)",
+}
+
+
 def check_compatible(saved: dict, fingerprint: dict, where: Path) -> None:
-    """Refuse to continue a run whose model shape or data differ from this config."""
+    """Refuse to continue a run whose model shape, data or seed differ from this config.
+
+    A key the checkpoint does not record (written by an earlier dsgpt) is not compared."""
     problems = []
-    for key in ("model", "data_sha256"):
-        if saved.get(key) != fingerprint.get(key):
-            problems.append(f"{key}: checkpoint has {saved.get(key)}, this config gives {fingerprint.get(key)}")
+    for key, meaning in _FINGERPRINT_KEYS.items():
+        if key in saved and saved.get(key) != fingerprint.get(key):
+            problems.append(f"{key} ({meaning}): checkpoint has {saved.get(key)}, this config gives "
+                            f"{fingerprint.get(key)}")
     if problems:
         raise UserError(
             f"The checkpoint in '{where}' belongs to a different run: " + "; ".join(problems) +
-            ". Resuming would load weights into the wrong shape or continue on other data. Choose a "
-            "new run.name (or run.out_dir) for this config, or set train.resume=never after moving "
-            "the old checkpoints away."
+            ". Resuming would load weights into the wrong shape, continue on other data or with other "
+            "random draws. To start a new run from this config, choose a new run.name (or run.out_dir); "
+            "to continue the old run, put its values back."
         )
 
 
@@ -170,6 +264,11 @@ def load_model(run_dir, which: str = "latest"):
         found = ", ".join(list_tags(ckpt_dir)) or "none"
         raise UserError(f"The run '{run_dir}' has no '{which}' checkpoint (checkpoints found: {found}). "
                         f"Train it first, or pick one of the checkpoints listed.")
+    why = damage(ckpt_dir / tag)
+    if why:
+        others = [t for t in intact_tags(ckpt_dir) if t != tag]
+        raise UserError(f"The checkpoint '{ckpt_dir / tag}' of run '{run_dir}' is damaged ({why}). "
+                        f"Pick an intact one with --checkpoint (intact: {', '.join(others) or 'none'}).")
     shape = read_state(ckpt_dir / tag).get("model")
     if not isinstance(shape, dict):
         raise UserError(f"The checkpoint '{ckpt_dir / tag}' records no model shape in its {STATE_FILE}; "

@@ -204,9 +204,11 @@ def test_corrupt_latest_pointer(corpus, run_copy, garbage):
     assert_unchanged(before, snapshot(run_dir))
 
 
-def test_corrupt_state_file_in_the_latest_checkpoint(corpus, run_copy):
+def test_corrupt_state_file_with_the_manifest_gone(corpus, run_copy):
+    # Without a manifest the damage cannot be seen before the state file is read: refuse it.
     out, name, run_dir = run_copy
     tag_dir = run_dir / "checkpoints" / "step0000004"
+    (tag_dir / "manifest.json").unlink()
     (tag_dir / "dsgpt_state.json").write_bytes(b"\xff{ half-written")
     before = snapshot(run_dir)
     proc = train(*tiny_overrides(corpus, out, name, "train.resume=auto"))
@@ -247,3 +249,97 @@ def test_eval_and_generate_on_a_dir_that_is_not_a_run(tmp_path, script, kind):
         assert list(not_a_run.iterdir()) == []
     else:
         assert not not_a_run.exists()
+
+
+# ---- optimizer mistakes ------------------------------------------------------------------------
+
+# (override, the allowed range the message must state)
+BAD_OPTIM = [
+    ("optim.lr=-1", "optim.lr > 0"),
+    ("optim.min_lr=-0.01", "optim.min_lr >= 0"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay >= 0"),
+    ("optim.beta1=1.0", "0 <= optim.beta1 < 1"),
+    ("optim.beta2=1.5", "0 <= optim.beta2 < 1"),
+    ("optim.eps=0", "optim.eps > 0"),
+    ("optim.grad_clip=-1", "optim.grad_clip >= 0"),
+    ("optim.step_gamma=0", "0 < optim.step_gamma <= 1"),
+    ("optim.exp_gamma=1.5", "0 < optim.exp_gamma <= 1"),
+    ("optim.decay_steps=0", "optim.decay_steps >= 1"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps >= 0"),
+    ("optim.step_size=0", "optim.step_size >= 1"),
+]
+
+
+@pytest.mark.parametrize("override,allowed", BAD_OPTIM, ids=[o for o, _ in BAD_OPTIM])
+def test_each_bad_optimizer_value_names_key_value_and_range(override, allowed):
+    from dsgpt.config import load_config
+    from dsgpt.errors import UserError
+    with pytest.raises(UserError) as err:
+        load_config("configs/tiny.yaml", [override])
+    key, _, value = override.partition("=")
+    msg = str(err.value)
+    assert f"'{key}' = {value}" in msg and allowed in msg and "1 problem(s)" in msg, msg
+
+
+def test_bad_optimizer_values_stop_train_py_all_at_once(corpus, tmp_path):
+    proc = train(*tiny_overrides(corpus, tmp_path, "optim"), *(o for o, _ in BAD_OPTIM))
+    msg = user_error(proc, *(allowed for _, allowed in BAD_OPTIM))
+    assert f"{len(BAD_OPTIM)} problem(s)" in msg, msg
+    assert not (tmp_path / "optim").exists()
+
+
+# ---- sampling mistakes -------------------------------------------------------------------------
+
+# (flags, what the message must name: the flag, the value, the allowed range)
+BAD_SAMPLING = [
+    (["--max-new-tokens", "-5"], ["--max-new-tokens", "-5", ">= 1"]),
+    (["--max-new-tokens", "0"], ["--max-new-tokens", "= 0", ">= 1"]),
+    (["--temperature", "-0.5"], ["--temperature", "-0.5", ">= 0", "greedy"]),
+    (["--temperature", "nan"], ["--temperature", "nan", ">= 0"]),
+    (["--top-k", "-1"], ["--top-k", "-1", ">= 0"]),
+    (["--top-p", "2"], ["--top-p", "2.0", "(0, 1]"]),
+    (["--top-p", "0"], ["--top-p", "0.0", "(0, 1]"]),
+    (["--num-samples", "0"], ["--num-samples", "= 0", ">= 1"]),
+]
+
+
+def generate_main(argv: list[str]) -> int:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("launch_generate", REPO / "launch" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+@pytest.mark.parametrize("flags,words", BAD_SAMPLING, ids=[" ".join(f) for f, _ in BAD_SAMPLING])
+def test_each_bad_sampling_argument_names_flag_value_and_range(tmp_path, capsys, flags, words):
+    # Checked before the run dir is read: a run that does not exist is never reached.
+    assert generate_main(["--run", str(tmp_path / "no_such_run"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no_such_run" not in err, err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_bad_sampling_arguments_all_at_once_before_the_run_is_read(tmp_path):
+    missing = tmp_path / "no_such_run"
+    proc = launch("launch/generate.py", ["--run", str(missing), "--max-new-tokens", "-5", "--top-p", "2",
+                                         "--top-k", "-3", "--temperature", "-1", "--num-samples", "0"],
+                  check=False, timeout=120)
+    msg = user_error(proc, "--max-new-tokens", "--top-p", "--top-k", "--temperature", "--num-samples")
+    assert str(missing) not in msg, msg
+
+
+def test_valid_sampling_edges_are_accepted():
+    from dsgpt.generate import check_sampling_args
+    check_sampling_args(1, 0.0, 0, 1.0, 1)       # greedy, top-k off, top-p 1 (off)
+    check_sampling_args(5, 2.0, None, None, 3)   # None = off
+    check_sampling_args(5, 0.8, 50, 0.9, 1, prompt_tokens=31, block_size=32)
+
+
+def test_prompt_longer_than_the_context(trained):
+    proc, run_dir = trained
+    assert proc.returncode == 0, f"the fixture run failed:\n{proc.stderr[-4000:]}"
+    gen = launch("launch/generate.py", ["--run", str(run_dir), "--prompt", "x = 1\n" * 40], check=False, timeout=300)
+    msg = user_error(gen, "the prompt is", "context is 32 tokens", "at most 31")
+    assert "shorten" in msg, msg

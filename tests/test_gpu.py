@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import losses, run_jobs, tiny_overrides
+from conftest import REPO, losses, run_jobs, tiny_overrides
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -20,7 +20,24 @@ def gpu_runs(corpus, tmp_path_factory):
     jobs = [{"name": f"{p}_z{z}", "overrides": tiny_overrides(corpus, out, f"{p}_z{z}", f"precision={p}",
                                                              f"deepspeed.zero_stage={z}", "train.max_steps=20")}
             for p in ("bf16", "fp16") for z in (0, 2, 3)]
+    # A loss scale of 2**32 overflows at once: DeepSpeed skips steps while it halves the scale.
+    template = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    template["fp16"]["initial_scale_power"] = 32
+    (work / "overflow.json").write_text(json.dumps(template))
+    jobs.append({"name": "fp16_overflow", "overrides": tiny_overrides(
+        corpus, out, "fp16_overflow", "precision=fp16", f"deepspeed.config={work / 'overflow.json'}",
+        "train.max_steps=20", "train.on_nonfinite=stop")})
     return run_jobs(jobs, ranks=ranks, work=work), out
+
+
+def test_fp16_overflow_skips_are_routine(gpu_runs):
+    results, out = gpu_runs
+    summary = results["fp16_overflow"][0]
+    assert summary["stop_reason"] == "max_steps" and summary["last_step"] == 20  # on_nonfinite=stop did not fire
+    logged = [json.loads(x) for x in (out / "fp16_overflow" / "metrics.jsonl").read_text().splitlines()]
+    skips = [r["train/overflow_skips"] for r in logged if "train/overflow_skips" in r]
+    assert skips and skips == list(range(1, len(skips) + 1))
+    assert not any("train/skipped" in r for r in logged)
 
 
 @pytest.mark.parametrize("precision,dtype", [("bf16", "bfloat16"), ("fp16", "float16")])

@@ -52,7 +52,7 @@ def test_mpirun_trains_like_the_deepspeed_launcher(mpi_ready, corpus, tmp_path):
     run_dir = tmp_path / "mpi" / "run"
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     tag_dir = run_dir / "checkpoints" / latest
-    assert sorted(p.name for p in tag_dir.glob("rng_rank*.pt")) == ["rng_rank00000.pt", "rng_rank00001.pt"]
+    assert sorted(p.name for p in tag_dir.glob("rng_rank*.json")) == ["rng_rank00000.json", "rng_rank00001.json"]
 
     mpi = step_losses(run_dir)
     assert sorted(mpi) == list(range(1, STEPS + 1)), mpi

@@ -56,3 +56,66 @@ def test_stop_mode_stops_at_the_first_nonfinite_step(blown_up):
         assert summary["stop_reason"] == "nonfinite" and summary["last_step"] == 2
         assert summary["engine"]["optimizer"] == "GuardedAdamW"
     assert check_latest_is_finite(out / "stop_z0") == 1
+
+
+# ---- fp16: an overflow skip is routine, a non-finite loss is not --------------------------------
+
+@pytest.mark.parametrize("loss,applied,precision,outcome", [
+    (2.5, True, "fp16", "ok"),
+    (2.5, False, "fp16", "overflow"),  # dynamic loss scaling skipped the update and lowered the scale
+    (float("inf"), False, "fp16", "nonfinite"),
+    (float("nan"), True, "fp16", "nonfinite"),
+    (2.5, False, "bf16", "nonfinite"),  # no loss scaling: a skipped update means inf/NaN gradients
+    (2.5, False, "fp32", "nonfinite"),
+    (float("nan"), False, "fp32", "nonfinite"),
+])
+def test_step_outcome(loss, applied, precision, outcome):
+    from dsgpt.train.step import step_outcome
+    assert step_outcome(loss, applied, precision) == outcome
+
+
+def test_overflow_skips_neither_stop_nor_count_as_nonfinite(monkeypatch):
+    """Run.train_step's bookkeeping for an fp16 overflow, with the engine's answers scripted."""
+    from types import SimpleNamespace
+
+    from dsgpt.train import step as step_module
+    from dsgpt.train.trainer import Run, RunState
+    logged = []
+    run = Run.__new__(Run)  # only the parts train_step touches
+    run.cfg = SimpleNamespace(precision="fp16")
+    run.t = SimpleNamespace(micro_batch_size=1, grad_accum_steps=1, log_interval=1000, on_nonfinite="stop",
+                            max_nonfinite_steps=0)
+    run.ctx = SimpleNamespace(rank=0, world_size=1, is_main=False)
+    run.state, run.losses, run.progress, run.device = RunState(), {}, None, "cpu"
+    run.tokens_per_step, run.last_saved = 8, 0
+    run.data = SimpleNamespace(train_micro_batches=lambda *a: [])
+    run.engine = SimpleNamespace(get_lr=lambda: [1e-3], was_step_applied=lambda: False)
+    run.log = SimpleNamespace(log=lambda step, scalars: logged.append((step, scalars)))
+    monkeypatch.setattr(step_module, "train_step", lambda *a: step_module.StepResult(loss=3.0, tokens=8))
+    assert run.train_step(1) and run.train_step(2)  # both count as done: no give-up
+    assert run.state.skipped_steps == 0 and run.state.overflow_skips == 2
+    assert logged == [(1, {"train/overflow_skips": 1}), (2, {"train/overflow_skips": 2})]
+    assert run.losses == {1: 3.0, 2: 3.0}
+
+
+def test_loss_scale_at_its_floor_is_a_clear_message(monkeypatch):
+    from types import SimpleNamespace
+
+    from dsgpt.errors import UserError
+    from dsgpt.train import step as step_module
+    from dsgpt.train.trainer import Run, RunState
+
+    def overflowing(*args):
+        raise Exception("Current loss scale already at minimum - cannot decrease scale anymore. Exiting run.")
+
+    run = Run.__new__(Run)
+    run.t = SimpleNamespace(micro_batch_size=1, grad_accum_steps=1)
+    run.ctx = SimpleNamespace(rank=0, world_size=1)
+    run.state, run.device, run.last_saved = RunState(), "cpu", 40
+    run.data = SimpleNamespace(train_micro_batches=lambda *a: [])
+    run.engine = SimpleNamespace(get_lr=lambda: [1e-3], optimizer=SimpleNamespace(min_loss_scale=1))
+    monkeypatch.setattr(step_module, "train_step", overflowing)
+    with pytest.raises(UserError) as err:
+        run.train_step(41)
+    msg = str(err.value)
+    assert "step 41" in msg and "floor (1)" in msg and "step 40" in msg and "precision=bf16" in msg

@@ -1,5 +1,9 @@
 """Equivalences that must hold however the work is split: ZeRO stages, gradient accumulation,
-data-parallel ranks, precision. Real DeepSpeed engines, 2 CPU ranks over gloo."""
+data-parallel ranks, precision. Real DeepSpeed engines, 2 CPU ranks over gloo.
+
+Losses alone cannot catch a gradient off by a constant factor (x world size, x GAS): AdamW
+normalises it away. So every equivalence also compares the gradient norms, and a deliberately
+mis-scaled run proves that comparison fails when it should."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import PY, child_env, launch, losses, run_jobs, tiny_overrides
+from conftest import PY, child_env, grad_norms, launch, losses, run_jobs, tiny_overrides
 
 STAGES = (0, 1, 2, 3)
 
@@ -59,19 +63,31 @@ def one_rank(corpus, tmp_path_factory):
         {"name": "micro4_gas2", "config": None,
          "overrides": tiny_overrides(corpus, out, "micro4_gas2", "train.micro_batch_size=4",
                                      "train.grad_accum_steps=2")},
+        # The mutation: micro8_gas1 with every gradient doubled and the loss left alone.
+        {"name": "micro8_grad_x2", "config": None, "grad_scale": 2.0,
+         "overrides": tiny_overrides(corpus, out, "micro8_grad_x2", "train.micro_batch_size=8")},
+        # micro8_gas1 with dropout: the training losses must differ from the first step on.
+        {"name": "micro8_dropout", "config": None,
+         "overrides": tiny_overrides(corpus, out, "micro8_dropout", "train.micro_batch_size=8", "model.dropout=0.2")},
     ]
     return run_jobs(jobs, ranks=1, work=work)
 
 
-def test_zero_stages_give_the_same_losses(two_rank):
-    reference = losses(two_rank["fp32_z0"][0])
-    assert len(reference) == 10 and reference[-1] < reference[0]
+def same_training(a: dict, b: dict, tol: float = 1e-5) -> bool:
+    """The same losses and the same gradient norms (before clipping) at every step."""
+    return rel_close(losses(a), losses(b), tol) and rel_close(grad_norms(a), grad_norms(b), tol)
+
+
+def test_zero_stages_give_the_same_losses_and_gradients(two_rank):
+    reference = two_rank["fp32_z0"][0]
+    assert len(losses(reference)) == 10 and losses(reference)[-1] < losses(reference)[0]
+    assert len(grad_norms(reference)) == 10 and all(g > 0 for g in grad_norms(reference))
     for z in STAGES:
         for rank_summary in two_rank[f"fp32_z{z}"]:
             facts = rank_summary["engine"]
             assert facts["zero_stage"] == z and facts["param_dtype"] == "float32"
             assert facts["world_size"] == 2 and facts["train_batch_size"] == 8
-            assert rel_close(losses(rank_summary), reference, 1e-5), (z, losses(rank_summary), reference)
+            assert same_training(rank_summary, reference), (z, grad_norms(rank_summary), grad_norms(reference))
 
 
 def test_optimizer_state_is_partitioned_from_zero1(two_rank):
@@ -100,14 +116,28 @@ def test_zero2_offload_uses_cpu_adam(two_rank):
 
 
 def test_gradient_accumulation_matches_a_bigger_micro_batch(one_rank):
-    a, b = losses(one_rank["micro8_gas1"][0]), losses(one_rank["micro4_gas2"][0])
-    assert one_rank["micro4_gas2"][0]["engine"]["gradient_accumulation_steps"] == 2
-    assert rel_close(a, b, 1e-5), (a, b)
+    a, b = one_rank["micro8_gas1"][0], one_rank["micro4_gas2"][0]
+    assert b["engine"]["gradient_accumulation_steps"] == 2
+    assert same_training(a, b), (grad_norms(a), grad_norms(b))
 
 
 def test_two_ranks_match_one_rank_with_the_whole_batch(one_rank, two_rank):
-    a, b = losses(one_rank["micro8_gas1"][0]), losses(two_rank["dp2_micro4"][0])
-    assert rel_close(a, b, 1e-5), (a, b)
+    a, b = one_rank["micro8_gas1"][0], two_rank["dp2_micro4"][0]
+    assert same_training(a, b), (grad_norms(a), grad_norms(b))
+
+
+def test_a_gradient_off_by_a_constant_factor_is_caught(one_rank):
+    right, wrong = one_rank["micro8_gas1"][0], one_rank["micro8_grad_x2"][0]
+    assert losses(wrong)[0] == losses(right)[0]  # the bug does not show in the first loss
+    assert grad_norms(wrong)[0] == pytest.approx(2 * grad_norms(right)[0], rel=1e-5)
+    assert not same_training(wrong, right)
+
+
+def test_dropout_is_active(one_rank):
+    # Same seed, same batches: without dropout the two runs agree to rounding (1e-5, as above).
+    plain, dropped = one_rank["micro8_gas1"][0], one_rank["micro8_dropout"][0]
+    assert losses(dropped)[0] != losses(plain)[0]  # masks applied in the very first forward
+    assert max(abs(a - b) / b for a, b in zip(losses(dropped), losses(plain))) > 1e-3
 
 
 def test_masked_uneven_labels_weigh_every_token_the_same(tmp_path):

@@ -1,5 +1,5 @@
 """The checks and lookups a run makes before it builds anything: precision vs device, the data,
-the model's shape, and the fingerprint that ties checkpoints to a model shape and a corpus."""
+the model's shape, and the fingerprint that ties checkpoints to a model shape, a corpus and a seed."""
 
 from __future__ import annotations
 
@@ -50,8 +50,9 @@ def model_config(cfg: Config, vocab_size):
     return GPTConfig.from_preset(m.preset, **overrides)
 
 
-def fingerprint(mcfg, data) -> dict:
+def fingerprint(mcfg, data, seed: int) -> dict:
     return {
         "model": {k: getattr(mcfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")},
         "data_sha256": data.meta.get("data_sha256"),
+        "seed": seed,
     }

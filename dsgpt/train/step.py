@@ -9,6 +9,7 @@ or uneven lengths do not tilt the average.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,3 +37,17 @@ def train_step(engine, micro_batches, world_size: int, device) -> StepResult:
         loss_sum += float(s.detach())
     (loss_total,) = dist.all_reduce_sum([loss_sum], device)
     return StepResult(loss=loss_total / max(total_tokens, 1.0), tokens=int(total_tokens))
+
+
+# What DeepSpeed's dynamic loss scaler raises when it cannot lower the scale any further.
+LOSS_SCALE_AT_MINIMUM = "loss scale already at minimum"
+
+
+def step_outcome(loss: float, applied: bool, precision: str) -> str:
+    """'ok', 'overflow' (fp16 loss scaling skipped the update: routine, the scale drops) or
+    'nonfinite' (the loss itself, or outside fp16 the gradients, were inf/NaN)."""
+    if not math.isfinite(loss):
+        return "nonfinite"
+    if applied:
+        return "ok"
+    return "overflow" if precision == "fp16" else "nonfinite"

@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
 from dsgpt import dist, runs, watchdog
 from dsgpt.config import Config, save_config
 from dsgpt.errors import UserError
 from dsgpt.io import atomic_write_json
-from dsgpt.train import checkpoint, provenance, signals
+from dsgpt.train import checkpoint, provenance, rng, signals
 from dsgpt.train.run_setup import check_precision, fingerprint, model_config, open_data
+from dsgpt.train.step import LOSS_SCALE_AT_MINIMUM, step_outcome
 
 
 @dataclass
@@ -35,6 +33,7 @@ class RunState:
     best_step: Optional[int] = None  # the step whose evaluation gave best_val_loss
     evals_since_best: int = 0
     skipped_steps: int = 0  # non-finite steps in a row
+    overflow_skips: int = 0  # fp16 steps DeepSpeed skipped to lower the loss scale (routine, not errors)
     history: list = field(default_factory=list)  # one entry per launch: start step, argv
 
 
@@ -45,6 +44,7 @@ class RunSummary:
     last_step: int
     stop_reason: str  # max_steps | early_stop | signal:NAME | time_budget | nonfinite
     losses: dict  # step -> train loss, for the steps this process ran
+    grad_norms: dict  # step -> gradient norm before clipping, at logged steps
     val_loss: Optional[float]
     best_val_loss: Optional[float]
     engine: dict  # describe_engine(): what DeepSpeed actually built
@@ -117,11 +117,12 @@ class Run:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.data = open_data(cfg)
         self.mcfg = model_config(cfg, self.data.vocab_size)
-        self.fingerprint = fingerprint(self.mcfg, self.data)
+        self.fingerprint = fingerprint(self.mcfg, self.data, cfg.run.seed)
         resume_from = self._check_resume()
+        init_from = None if resume_from else self._check_init_from()
 
         # Different dropout masks per rank; the batches themselves depend only on (seed, step).
-        _seed_everything(cfg.run.seed + ctx.rank)
+        rng.seed_everything(cfg.run.seed + ctx.rank)
         ds_config = resolve_ds_config(cfg, ctx.world_size, ctx.on_gpu)
         model = build_model(self.mcfg, ds_config)  # sharded from the start under ZeRO-3
         self.engine, ds_config = build_engine(model, cfg, ds_config, ctx.on_gpu)
@@ -130,10 +131,13 @@ class Run:
 
         self.state = RunState()
         if resume_from:
-            saved = checkpoint.load(self.engine, *resume_from, ctx.rank)
+            saved, rng_note = checkpoint.load(self.engine, resume_from.ckpt_dir, resume_from.tag, ctx.rank,
+                                              cfg.run.seed)
             self.state = RunState(**{k: v for k, v in saved.items() if k in RunState.__dataclass_fields__})
-        elif self.t.init_from:
-            checkpoint.load_weights(self.engine, *runs.locate_path(Path(self.t.init_from), "train.init_from"))
+            if rng_note:
+                print(f"[dsgpt] {rng_note}", flush=True)
+        elif init_from:
+            checkpoint.load_weights(self.engine, init_from.ckpt_dir, init_from.tag)
         self.state.history.append({"start_step": self.state.step + 1, "argv": argv})
         self.first_step = self.state.step + 1
 
@@ -143,12 +147,14 @@ class Run:
             atomic_write_json(self.run_dir / "ds_config.json", ds_config)
             provenance.record(self.run_dir, provenance.collect(argv, ctx.world_size,
                                                                self.data.meta.get("data_sha256", "")))
-        self.log = MetricsLogger(self.run_dir, enabled=ctx.is_main)
+        # Rows past the resumed step were logged by a launch that died before saving: drop them.
+        self.log = MetricsLogger(self.run_dir, enabled=ctx.is_main, resume_step=self.state.step)
         self.flops_per_token = flops_per_token(self.mcfg)
         self.peak_flops = peak_flops(ctx.device_type, cfg.precision)
         self.tokens_per_step = (self.t.micro_batch_size * self.t.grad_accum_steps * ctx.world_size
                                 * self.mcfg.block_size)
         self.losses: dict[int, float] = {}
+        self.grad_norms: dict[int, float] = {}
         self.last_saved = self.state.step
         self.start_time = time.time()
         self.progress = _progress(ctx.is_main, self.first_step, self.t.max_steps)
@@ -165,9 +171,23 @@ class Run:
                 f"write over them. Set train.resume=auto to continue that run, or pick a new run.name."
             )
         if resume_from:
-            tag_dir = resume_from[0] / resume_from[1]
-            runs.check_compatible(runs.read_state(tag_dir), self.fingerprint, tag_dir)
+            if resume_from.note:
+                self.console(f"resume: {resume_from.note}")
+            runs.check_compatible(runs.read_state(resume_from.tag_dir), self.fingerprint, resume_from.tag_dir)
         return resume_from
+
+    def _check_init_from(self):
+        """The checkpoint a fine-tune starts from, after checking it fits this model."""
+        if not self.t.init_from:
+            return None
+        source = runs.locate_path(Path(self.t.init_from), "train.init_from")
+        saved_shape = runs.read_state(source.tag_dir).get("model")
+        if saved_shape != self.fingerprint["model"]:
+            raise UserError(
+                f"train.init_from={self.t.init_from}: the checkpoint '{source.tag_dir}' holds a model of shape "
+                f"{saved_shape}, but this config builds {self.fingerprint['model']}. Set the model.* keys "
+                f"(and data) to match the checkpoint, or start from another one.")
+        return source
 
     def _announce(self, facts: dict) -> None:
         offload = " (optimizer offloaded to CPU)" if facts["offload_optimizer"] else ""
@@ -185,16 +205,25 @@ class Run:
         t0 = time.perf_counter()
         micro = self.data.train_micro_batches(step - 1, self.ctx.rank, self.ctx.world_size,
                                               self.t.micro_batch_size, self.t.grad_accum_steps)
-        res = train_step(self.engine, micro, self.ctx.world_size, self.device)
+        try:
+            res = train_step(self.engine, micro, self.ctx.world_size, self.device)
+        except Exception as err:
+            if LOSS_SCALE_AT_MINIMUM in str(err):
+                raise UserError(_loss_scale_message(step, self.last_saved, self.engine)) from None
+            raise
         seconds = time.perf_counter() - t0
         self.state.step = step
         if self.progress:
             self.progress.update(1)
-        if not (math.isfinite(res.loss) and self.engine.was_step_applied()):
+        outcome = step_outcome(res.loss, self.engine.was_step_applied(), self.cfg.precision)
+        if outcome == "nonfinite":
             self.state.skipped_steps += 1
             self.log.log(step, {"train/skipped": 1.0})
             self.console(f"step {step}: non-finite loss ({res.loss}); update skipped")
             return False
+        if outcome == "overflow":
+            self.state.overflow_skips += 1
+            self.log.log(step, {"train/overflow_skips": self.state.overflow_skips})
         self.state.skipped_steps = 0
         self.state.tokens_seen += self.tokens_per_step
         self.losses[step] = res.loss
@@ -213,6 +242,8 @@ class Run:
         from dsgpt.metrics import memory_stats
         tok_s = self.tokens_per_step / seconds
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            self.grad_norms[step] = float(grad_norm)
         scalars = {
             "train/loss": loss, "train/lr": lr,
             "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -234,12 +265,10 @@ class Run:
 
     def evaluate(self, step: int) -> bool:
         """Validation loss now; True when it is the best so far (by more than early_stop_min_delta)."""
-        from dsgpt.eval.perplexity import evaluate
-        # train.eval_batches counts batches over all ranks, so the validation set (and its loss)
-        # is the same on 1 rank, on N ranks and in launch/eval.py.
-        per_rank = -(-self.t.eval_batches // self.ctx.world_size)
-        batch_size = self.cfg.eval.batch_size or self.t.micro_batch_size
-        res = evaluate(self.engine, self.data.val_batches(per_rank, batch_size, self.ctx.rank, self.ctx.world_size),
+        from dsgpt.eval.perplexity import evaluate, val_set_size
+        # The same windows on 1 rank, on N ranks and in launch/eval.py; each rank scores its share.
+        n_windows, batch_size = val_set_size(self.cfg)
+        res = evaluate(self.engine, self.data.val_batches(n_windows, batch_size, self.ctx.rank, self.ctx.world_size),
                        self.device)
         s = self.state
         s.val_loss = res.loss
@@ -304,7 +333,8 @@ class Run:
         self.log.close()
         dist.barrier()
         return RunSummary(run_dir=self.run_dir, first_step=self.first_step, last_step=s.step,
-                          stop_reason=reason, losses=self.losses, val_loss=s.val_loss,
+                          stop_reason=reason, losses=self.losses, grad_norms=self.grad_norms,
+                          val_loss=s.val_loss,
                           best_val_loss=s.best_val_loss,
                           engine=describe_engine(self.engine))  # now: the optimizer state exists
 
@@ -313,11 +343,13 @@ class Run:
             _console(msg)
 
 
-def _seed_everything(seed: int) -> None:
-    import torch
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def _loss_scale_message(step: int, last_saved: int, engine) -> str:
+    floor = getattr(engine.optimizer, "min_loss_scale", None) or getattr(
+        getattr(engine.optimizer, "loss_scaler", None), "min_scale", "its minimum")
+    return (f"step {step}: the fp16 loss scale fell to its floor ({floor}) and the gradients still "
+            f"overflow, so no update can be applied: the run is diverging or its values leave fp16's range. "
+            f"Resume from the last checkpoint (step {last_saved}) with a lower optim.lr, a warmup or "
+            f"stronger clipping (optim.grad_clip), or use precision=bf16, which needs no loss scaling.")
 
 
 def _params_finite(engine, device) -> bool:

@@ -2,11 +2,12 @@
 
     deepspeed --num_gpus 2 tests/workers/train_jobs.py JOBS.json OUT_DIR
 
-JOBS.json: a list of {"name": ..., "config": path, "overrides": [...]}. For each job, each rank
+JOBS.json: a list of {"name": ..., "config": path, "overrides": [...], "grad_scale": optional}. For each job, each rank
 writes OUT_DIR/<name>.rank<R>.json with the run summary (per-step losses, engine facts). Several
 jobs share one launch because starting ranks costs more than a tiny run itself.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -20,6 +21,26 @@ from dsgpt.errors import UserError  # noqa: E402
 from dsgpt.train.trainer import train  # noqa: E402
 
 
+@contextlib.contextmanager
+def wrong_gradient_scale(factor):
+    """A deliberate bug for mutation tests: every backward pass scales the gradients by `factor`
+    while the reported loss stays right."""
+    if factor is None:
+        yield
+        return
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    original = DeepSpeedEngine.backward
+
+    def scaled(self, loss, *args, **kwargs):
+        return original(self, loss * factor, *args, **kwargs)
+
+    DeepSpeedEngine.backward = scaled
+    try:
+        yield
+    finally:
+        DeepSpeedEngine.backward = original
+
+
 def main() -> int:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     jobs = json.loads(Path(args[0]).read_text())
@@ -29,7 +50,8 @@ def main() -> int:
     for job in jobs:
         cfg = load_config(job.get("config"), job.get("overrides", []))
         try:
-            summary = asdict(train(cfg, argv=[job["name"]]))
+            with wrong_gradient_scale(job.get("grad_scale")):
+                summary = asdict(train(cfg, argv=[job["name"]]))
         except UserError as err:
             summary = {"error": str(err)}
         summary["run_dir"] = str(summary.get("run_dir", ""))

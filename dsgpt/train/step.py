@@ -12,8 +12,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from dsgpt import dist
 from dsgpt.model import token_loss_sum
 

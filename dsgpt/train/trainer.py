@@ -6,7 +6,6 @@ calls (engine, data, state, logging), each a method a test can reason about on i
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ from dsgpt import dist, runs, watchdog
 from dsgpt.config import Config, save_config
 from dsgpt.errors import UserError
 from dsgpt.io import atomic_write_json
-from dsgpt.train import checkpoint, provenance, rng, signals
+from dsgpt.train import checkpoint, provenance, reshard, rng, signals
 from dsgpt.train.run_setup import check_precision, fingerprint, model_config, open_data
 from dsgpt.train.step import LOSS_SCALE_AT_MINIMUM, step_outcome
 
@@ -124,13 +123,24 @@ class Run:
         # Different dropout masks per rank; the batches themselves depend only on (seed, step).
         rng.seed_everything(cfg.run.seed + ctx.rank)
         ds_config = resolve_ds_config(cfg, ctx.world_size, ctx.on_gpu)
+        # A checkpoint saved on other ranks or another ZeRO stage: same global batch, another GAS.
+        relayout = reshard.plan(resume_from.tag_dir, ctx.world_size, ds_config) if resume_from else None
+        if relayout:
+            cfg.train.grad_accum_steps = relayout.grad_accum_steps
+            ds_config = reshard.configure(resolve_ds_config(cfg, ctx.world_size, ctx.on_gpu), relayout)
         model = build_model(self.mcfg, ds_config)  # sharded from the start under ZeRO-3
         self.engine, ds_config = build_engine(model, cfg, ds_config, ctx.on_gpu)
         self.device = ctx.device
         self._announce(describe_engine(self.engine))
 
         self.state = RunState()
-        if resume_from:
+        if relayout:
+            self.console(reshard.load(self.engine, relayout, ctx.rank))
+            saved = runs.read_state(resume_from.tag_dir)
+            # The saved RNG states belong to the old ranks: each rank starts from (seed, rank, step).
+            reshard.seed_rngs(cfg.run.seed, ctx.rank, int(saved.get("step", 0)))
+            self.state = RunState(**{k: v for k, v in saved.items() if k in RunState.__dataclass_fields__})
+        elif resume_from:
             saved, rng_note = checkpoint.load(self.engine, resume_from.ckpt_dir, resume_from.tag, ctx.rank,
                                               cfg.run.seed)
             self.state = RunState(**{k: v for k, v in saved.items() if k in RunState.__dataclass_fields__})

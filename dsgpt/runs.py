@@ -18,6 +18,7 @@ must unpickle to load: a checkpoint from elsewhere has to be trusted like code.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,7 +216,12 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict:
     if not states:
         raise UserError(f"The checkpoint '{tag_dir}' has no model states file; it is incomplete. "
                         f"Use another checkpoint.")
-    first = torch.load(states[0], map_location="cpu", weights_only=False)
+    try:  # tensors and plain containers only: a crafted pickle cannot run code here
+        first = torch.load(states[0], map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"'{states[0]}' holds more than tensors and plain values ({str(err).splitlines()[0]}), "
+                        f"so dsgpt will not load it. Use a checkpoint written by DeepSpeed's save_checkpoint "
+                        f"that you trust.") from None
     stage = int((first.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
     if stage == 0:
         sd = first["module"]  # complete on every rank without ZeRO

@@ -5,7 +5,7 @@ many relaunches resumed from an intact checkpoint.
 
 Each trial SIGKILLs one random rank of a 2-rank CPU run (the DeepSpeed launcher then ends the
 other) at a random moment after its first checkpoint: it waits a random while, catches the next save
-under way (a tag dir without its manifest) and kills 0-50 ms into it; the run saves every step. The next launch must resume from `latest` or, when that checkpoint is damaged, from
+under way (a tag dir without its manifest) and kills 0-100 ms into it; the run saves every step. The next launch must resume from `latest` or, when that checkpoint is damaged, from
 the newest intact one, and go on training. Prints one line per trial and a summary, and appends
 the summary to bench/RESULTS.md.
 """
@@ -31,8 +31,10 @@ from bench import common  # noqa: E402
 SECTION = "Crash-safe checkpoints (bench/crash_saves.py)"
 COLUMNS = ["date", "machine", "ranks", "ZeRO", "kills", "inside a save", "resumed from latest",
            "resumed from an older intact one", "relaunches that failed", "versions"]
-SHAPE = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=32",
-         "train.micro_batch_size=4", "train.eval_interval=1000000", "train.save_interval=1",
+# 4 layers x 256 wide (3.7M parameters, ~45 MB per checkpoint with Adam's state): a save takes long
+# enough to be hit.
+SHAPE = ["model.n_layer=4", "model.n_head=4", "model.n_embd=256", "model.block_size=64",
+         "train.micro_batch_size=2", "train.eval_interval=1000000", "train.save_interval=1",
          "train.keep_last=2", "train.log_interval=1", "optim.warmup_steps=0"]
 
 
@@ -82,7 +84,7 @@ def trial(ranks: int, run_dir: Path, zero: int, rnd: random.Random) -> dict:
     catch_by = time.time() + 30
     while time.time() < catch_by and not in_save(ckpt) and proc.poll() is None:
         time.sleep(0.001)
-    time.sleep(rnd.uniform(0.0, 0.05))
+    time.sleep(rnd.uniform(0.0, 0.1))
     victims = rank_pids(proc)
     saving = in_save(ckpt)
     os.kill(rnd.choice(victims), signal.SIGKILL)

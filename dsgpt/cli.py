@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_config(sub)
     _add_failure(sub)
+    _add_export(sub)
+    _add_generate(sub)
     return parser
 
 
@@ -117,6 +119,85 @@ def _run_prepare(args) -> int:
         f"  vocab {meta['vocab_size']} ({meta['dtype']}), eos id {meta['eos_id']}, "
         f"data sha256 {meta['data_sha256'][:12]}"
     )
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a run's checkpoint as a Hugging Face model dir (safetensors + config + tokenizer)",
+        description="Write a checkpoint of a run as a directory that transformers' "
+                    "AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained load.",
+    )
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="the run directory (runs/NAME)")
+    p.add_argument("--checkpoint", default="latest", metavar="WHICH",
+                   help="latest (default), best, or a checkpoint tag such as step0000100")
+    p.add_argument("--hf", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in DIR")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    from dsgpt.hf import export
+    done = export(args.run, args.hf, which=args.checkpoint, overwrite=args.overwrite)
+    print(f"exported checkpoint {done.tag} of {args.run} to {done.dir}\n"
+          f"  load it with transformers.AutoModelForCausalLM.from_pretrained({str(done.dir)!r})")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="continue a prompt (or a file of prompts) with a run's checkpoint",
+        description="Sample text from a run's checkpoint with a KV cache: greedy or temperature / top-k / "
+                    "top-p, repetition penalty, stop strings; a single prompt streams to the terminal.",
+    )
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="run dir written by launch/train.py (runs/NAME)")
+    p.add_argument("--checkpoint", default="latest", metavar="WHICH",
+                   help="latest (default), best, or a checkpoint tag such as step0000200")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--prompt", default="", help="text to continue (default: empty, start from EOS)")
+    what.add_argument("--prompts-file", metavar="FILE",
+                      help="one prompt per line, or a .jsonl file of objects with a \"prompt\" field")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help=">= 1 (default 200)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--temperature", type=float, default=0.8, help=">= 0; 0 = greedy (default 0.8)")
+    how.add_argument("--greedy", action="store_true", help="always the most likely token (temperature 0)")
+    p.add_argument("--top-k", type=int, default=50, help=">= 0; 0 = off (default 50)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]; default off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="P",
+                   help="> 0; > 1 discourages tokens already in the text (CTRL / Hugging Face); default 1 = off")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a text where this string appears (cut before it); repeatable")
+    p.add_argument("--num-samples", type=int, default=1, help="texts per prompt, >= 1 (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="texts generated together (default 8)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto (default): the GPU when there is one")
+    p.add_argument("--no-stream", action="store_true", help="print a single text at the end, not as it grows")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context each token (slow; a check)")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from dsgpt.generate import generate_text, read_prompts
+    named = read_prompts(args.prompts_file) if args.prompts_file else [("the prompt", args.prompt)]
+    single = len(named) == 1 and args.num_samples == 1
+    stream = (lambda text: print(text, end="", flush=True)) if single and not args.no_stream else None
+    texts = generate_text(
+        args.run, [prompt for _, prompt in named], args.max_new_tokens, 0.0 if args.greedy else args.temperature,
+        args.top_k, args.top_p, args.num_samples, args.seed, args.checkpoint,
+        repetition_penalty=args.repetition_penalty, stop=args.stop, device=args.device,
+        batch_size=args.batch_size, on_text=stream, use_cache=not args.no_cache,
+        prompt_names=[name for name, _ in named])
+    if stream:
+        print()
+        return 0
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            prompt, sample = divmod(i, args.num_samples)
+            print(f"--- prompt {prompt + 1}, sample {sample + 1} ---" if len(named) > 1 else f"--- sample {i + 1} ---")
+        print(text)
     return 0
 
 

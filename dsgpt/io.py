@@ -28,3 +28,38 @@ def atomic_write_text(path, text: str) -> None:
 
 def atomic_write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def temp_dir_beside(target) -> Path:
+    """A fresh hidden dir next to `target`, to write into before `move_into_place`.
+
+    Not mkdtemp: its 0700 mode would stick to the target; mkdir honours the user's umask."""
+    import secrets
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    return tmp
+
+
+def move_into_place(tmp, target) -> None:
+    """Rename the finished dir `tmp` to `target`. An existing `target` is moved aside first and
+    deleted only once the new one is in place; on failure the old one is put back and OSError
+    propagates. The caller decides whether replacing `target` is allowed."""
+    import shutil
+    tmp, target = Path(tmp), Path(target)
+    old = None
+    if target.is_dir():
+        if any(target.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+        else:
+            target.rmdir()
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if old is not None:
+            os.replace(old / target.name, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

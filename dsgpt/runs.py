@@ -168,10 +168,13 @@ def locate_path(path: Path, key: str) -> ResumePoint:
         if tag:
             _refuse_damaged(candidate / tag, key)
             return ResumePoint(candidate, tag)
+    other = {"train.resume": "set train.resume=auto to continue this run's own checkpoints (a fresh start "
+                             "when none exist)",
+             "train.init_from": "give a Hugging Face GPT-2 model dir (config.json, weights, tokenizer.json)"}
     raise UserError(
         f"{key}={path} holds no checkpoint: expected a checkpoint folder (with {STATE_FILE}), a "
-        f"checkpoints folder with a 'latest' file, or a run folder. Check the path, or set "
-        f"train.resume=auto to continue this run's own checkpoints (a fresh start when none exist)."
+        f"checkpoints folder with a 'latest' file, or a run folder. Check the path, or "
+        f"{other.get(key, 'point it at a run dir')}."
     )
 
 
@@ -294,3 +297,22 @@ def load_model(run_dir, which: str = "latest"):
 def load_tokenizer_for(cfg):
     from dsgpt.data.tokenizer import load_tokenizer
     return load_tokenizer(data_dir(cfg.data.path, cfg.data.builtin_vocab_size))
+
+
+def run_tokenizer(run_dir, cfg):
+    """(tokenizer, EOS id) a run trained with: its data dir's tokenizer.json and meta's eos_id.
+
+    The run dir keeps no copy of them, so a run whose data dir is gone cannot say which text its
+    token ids stand for: that is an error naming the dir, not a guess."""
+    from dsgpt.data.tokenizer import configured_eos, eos_id, load_tokenizer
+    path = data_dir(cfg.data.path, cfg.data.builtin_vocab_size)
+    if not (path / "tokenizer.json").is_file():
+        raise UserError(f"The run '{run_dir}' was trained on the data in '{path}' (data.path in its config.yaml), "
+                        f"which holds no tokenizer.json any more, and its tokenizer is needed here. Restore that "
+                        f"data dir, or set data.path in '{Path(run_dir) / 'config.yaml'}' to a copy of it.")
+    tok = load_tokenizer(path)
+    try:
+        eos = int(json.loads((path / "meta.json").read_bytes())["eos_id"])
+    except (OSError, ValueError, KeyError, TypeError):  # meta unreadable: the tokenizer's own EOS
+        eos = eos_id(tok, configured_eos(path))
+    return tok, eos

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import launch, losses, run_jobs, tiny_overrides
+from conftest import REPO, launch, losses, run_jobs, tiny_overrides
 from dsgpt.train.checkpoint import FAULT_POINTS
 
 COMMON = ("train.save_interval=2", "train.eval_interval=2", "optim.decay_steps=4", "model.dropout=0.1")
@@ -135,7 +135,7 @@ VICTIMS = ("rng_rank00000.json", "dsgpt_state.json", "manifest.json", "legacy_rn
 @pytest.fixture(scope="module")
 def planted(crashed, corpus, tmp_path_factory):
     """A copy of a trained run per victim file, with a marker-writing pickle planted in its place;
-    eval and generate read each copy, then one launch resumes training in all of them."""
+    eval, generate and export read each copy, then one launch resumes training in all of them."""
     _, _, _, out = crashed
     work = tmp_path_factory.mktemp("planted")
     procs, jobs = {}, []
@@ -154,7 +154,9 @@ def planted(crashed, corpus, tmp_path_factory):
         procs[victim] = [
             launch("launch/eval.py", ["--run", str(run_dir), "--checkpoint", "step0000004"], check=False),
             launch("launch/generate.py", ["--run", str(run_dir), "--checkpoint", "step0000004",
-                                          "--max-new-tokens", "4"], check=False)]
+                                          "--max-new-tokens", "4"], check=False),
+            launch(str(REPO / "dsgpt" / "cli.py"), ["export", "--run", str(run_dir), "--checkpoint", "step0000004",
+                                                    "--hf", str(work / f"hf-{run_dir.name}")], check=False)]
         jobs.append(job(corpus, work / "runs", run_dir.name, 5))
     (work / "jobs.json").write_text(json.dumps(jobs))
     # One process resumes every copy; its output is split by the run names it prints.
@@ -166,20 +168,21 @@ def planted(crashed, corpus, tmp_path_factory):
 def test_dsgpt_never_unpickles_its_own_files(planted, victim):
     work, procs, train_log = planted
     assert not (work / f"MARKER-{victim}").exists(), "a pickle from the run dir was unpickled"
-    evaluate, generate = procs[victim]
-    for proc in (evaluate, generate):
+    evaluate, generate, export = procs[victim]
+    for proc in (evaluate, generate, export):
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     summary = json.loads((work / "results" / f"{victim.replace('.', '_')}.rank0.json").read_text())
     assert "error" not in summary, summary
     if victim == "legacy_rng":
         assert summary["first_step"] == 5 and "old pickle format" in train_log
-        assert evaluate.returncode == 0 and generate.returncode == 0, evaluate.stderr + generate.stderr
+        for proc in (evaluate, generate, export):
+            assert proc.returncode == 0, proc.stderr[-3000:]
     else:
-        # The manifest no longer matches the files: training falls back to step 2; eval and
-        # generate refuse the checkpoint.
+        # The manifest no longer matches the files: training falls back to step 2; eval, generate
+        # and export refuse the checkpoint.
         assert summary["first_step"] == 3
         assert (f"is damaged: {victim}" in train_log if victim != "manifest.json"
                 else "manifest.json is unreadable" in train_log)
-        for proc in (evaluate, generate):
+        for proc in (evaluate, generate, export):
             assert proc.returncode == 2 and "damaged" in proc.stderr, proc.stderr[-3000:]
     assert "resuming from the newest intact checkpoint, step0000002" in train_log

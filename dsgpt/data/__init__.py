@@ -11,6 +11,7 @@ _EXPORTS = {
     "load_tokenizer": "tokenizer",
     "eos_id": "tokenizer",
     "tokenizer_hash": "tokenizer",
+    "vocab_hash": "tokenizer",
     "prepare": "prepare",
     "prepare_documents": "prepare",
     "token_dtype": "prepare",

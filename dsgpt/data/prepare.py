@@ -19,10 +19,8 @@ import hashlib
 import itertools
 import json
 import os
-import secrets
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -30,8 +28,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from dsgpt.data.sources import check_inputs, iter_documents
-from dsgpt.data.tokenizer import configured_eos, eos_id, load_tokenizer, tokenizer_hash, train_bpe
+from dsgpt.data.tokenizer import configured_eos, eos_id, load_tokenizer, tokenizer_hash, train_bpe, vocab_hash
 from dsgpt.errors import UserError
+from dsgpt.io import move_into_place, temp_dir_beside
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -101,10 +100,7 @@ def prepare_documents(
     out_dir = Path(out_dir).expanduser()
     _check_args(vocab_size, tokenizer, val_fraction, seed, shard_tokens, sample_bytes)
     _check_out_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkdtemp: its 0700 mode would stick to out_dir; mkdir honours the user's umask.
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    tmp = temp_dir_beside(out_dir)
     try:
         if tokenizer is not None:
             tok = load_tokenizer(tokenizer)
@@ -136,6 +132,7 @@ def prepare_documents(
             "val_shards": shards["val"],
             "tokenizer_source": source,
             "tokenizer_sha256": tokenizer_hash(tok),
+            "vocab_sha256": vocab_hash(tok),  # what train.init_from's tokenizer check names
             "data_sha256": data_hash(shards["train"] + shards["val"]),
             "seed": seed,
             "val_fraction": val_fraction,
@@ -341,18 +338,7 @@ def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     """Rename the finished temp dir to `out_dir`; with overwrite, the old dir is moved aside
     first and deleted only once the new one is in place."""
     _check_out_dir(out_dir, overwrite)  # again: something may have appeared meanwhile
-    old = None
-    if out_dir.is_dir():
-        if any(out_dir.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-        else:
-            out_dir.rmdir()
     try:
-        os.rename(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     except OSError as err:
-        if old is not None:
-            os.replace(old / out_dir.name, out_dir)
         raise UserError(f"Could not move the prepared data into {out_dir}: {err}. Was another prepare writing there?") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

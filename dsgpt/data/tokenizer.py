@@ -105,3 +105,47 @@ def eos_id(tok: Tokenizer, preferred: str | None = None) -> int:
 def tokenizer_hash(tok: Tokenizer) -> str:
     """sha256 of the tokenizer's canonical JSON (the bytes prepare writes as tokenizer.json)."""
     return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
+
+
+def vocab_hash(tok: Tokenizer) -> str:
+    """sha256 of the vocabulary (token -> id, special tokens included) as sorted compact JSON.
+
+    What decides whether a model's embedding rows fit a tokenizer. Unlike `tokenizer_hash` it does
+    not change when a tool rewrites other parts of tokenizer.json (transformers' save_pretrained
+    adds a post-processor), so a tokenizer has the same vocab hash in a data dir and an HF dir."""
+    canonical = json.dumps(tok.get_vocab(with_added_tokens=True), sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def added_ids(source: Tokenizer, target: Tokenizer, source_name: str, target_name: str) -> list[int]:
+    """The ids `target` adds to `source`, sorted; [] when the vocabularies are equal.
+
+    `target` must equal or extend `source`: every source token keeps its id and new tokens come
+    after the source's last id, so a model trained with `source` keeps the meaning of each of its
+    embedding rows. Anything else is a UserError naming both vocab hashes."""
+    src, tgt = source.get_vocab(with_added_tokens=True), target.get_vocab(with_added_tokens=True)
+    problem = _first_conflict(src, tgt)
+    if problem:
+        raise UserError(
+            f"The tokenizer of {target_name} (vocab sha256 {vocab_hash(target)}, {len(tgt)} tokens) "
+            f"neither equals nor extends the one of {source_name} (vocab sha256 {vocab_hash(source)}, "
+            f"{len(src)} tokens): {problem}. The model's embedding rows would then stand for other tokens. "
+            f"Prepare the data with the source's tokenizer (dsgpt prepare --tokenizer ...), or with a copy "
+            f"of it to which tokens were only appended (tokenizers' add_tokens), which keeps every id."
+        )
+    return sorted(set(tgt.values()) - set(src.values()))
+
+
+def _first_conflict(src: dict, tgt: dict) -> str | None:
+    """Why `tgt` does not extend `src`, for the first offending token; None when it does."""
+    for token, token_id in sorted(src.items(), key=lambda kv: kv[1]):
+        if token not in tgt:
+            return f"the source's token {token!r} (id {token_id}) is missing from the new tokenizer"
+        if tgt[token] != token_id:
+            return f"the source's token {token!r} (id {token_id}) has id {tgt[token]} in the new tokenizer"
+    last = max(src.values(), default=-1)
+    for token, token_id in sorted(tgt.items(), key=lambda kv: kv[1]):
+        if token not in src and token_id <= last:
+            return f"the new token {token!r} has id {token_id}, inside the source's ids (up to {last}), not after them"
+    return None

@@ -115,15 +115,3 @@ def restore_rng(tag_dir: Path, rank: int, seed: int, step: int) -> str:
                 f"not load; random draws (dropout) continue from a seed derived from run.seed, rank and step")
     return f"rank {rank}: no saved RNG state; random draws continue from a seed derived from run.seed, rank and step"
 
-
-def load_weights(engine, ckpt_dir: Path, tag: str) -> None:
-    """Load only the model weights (a fine-tune's starting point): no optimizer, no step count."""
-    nothing = (f"train.init_from: DeepSpeed loaded nothing from the checkpoint '{ckpt_dir / tag}' (its model "
-               f"files are missing or unreadable), so the run would start from random weights. Point "
-               f"train.init_from at an intact checkpoint or run dir.")
-    if not any((ckpt_dir / tag).glob("*model_states.pt")):
-        raise UserError(nothing)  # DeepSpeed would fail on a bare assertion
-    load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True,
-                                          load_optimizer_states=False, load_lr_scheduler_states=False)
-    if load_path is None:  # DeepSpeed only logs a warning and carries on with the initial weights
-        raise UserError(nothing)

@@ -147,7 +147,8 @@ class Run:
             if rng_note:
                 print(f"[dsgpt] {rng_note}", flush=True)
         elif init_from:
-            checkpoint.load_weights(self.engine, init_from.ckpt_dir, init_from.tag)
+            from dsgpt.train.init_from import load_source
+            self.console(load_source(self.engine, init_from))
         self.state.history.append({"start_step": self.state.step + 1, "argv": argv})
         self.first_step = self.state.step + 1
 
@@ -187,17 +188,13 @@ class Run:
         return resume_from
 
     def _check_init_from(self):
-        """The checkpoint a fine-tune starts from, after checking it fits this model."""
+        """The weights a fine-tune starts from (a dsgpt checkpoint or an HF GPT-2 dir), after
+        checking that they fit this model and this data's tokenizer."""
         if not self.t.init_from:
             return None
-        source = runs.locate_path(Path(self.t.init_from), "train.init_from")
-        saved_shape = runs.read_state(source.tag_dir).get("model")
-        if saved_shape != self.fingerprint["model"]:
-            raise UserError(
-                f"train.init_from={self.t.init_from}: the checkpoint '{source.tag_dir}' holds a model of shape "
-                f"{saved_shape}, but this config builds {self.fingerprint['model']}. Set the model.* keys "
-                f"(and data) to match the checkpoint, or start from another one.")
-        return source
+        from dsgpt.data.tokenizer import load_tokenizer
+        from dsgpt.train.init_from import locate_source
+        return locate_source(self.t.init_from, self.mcfg, load_tokenizer(self.data.tokenizer_path))
 
     def _announce(self, facts: dict) -> None:
         offload = " (optimizer offloaded to CPU)" if facts["offload_optimizer"] else ""

@@ -84,12 +84,18 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:  # attend over the cached tokens plus these; `mask` says which (None: all of them)
+            k, v = cache.update(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -116,8 +122,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -166,23 +173,100 @@ class GPT(nn.Module):
             n -= numel(self.transformer.wpe.weight)
         return n
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab_size) for the next token at every position."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None, last_only: bool = False):
+        """Token ids (B, T) -> logits (B, T, vocab_size) for the next token at every position.
+
+        With a ``cache`` (generation), ``idx`` holds only the new tokens: they attend to the cached
+        ones and to each other causally, their keys and values are appended to the cache, and the
+        result is ``(logits, cache)``. ``pos`` (B, T) gives each token's position (default: right
+        after the cached ones); ``valid`` (B, T) is False at left padding, which no token attends to;
+        ``last_only`` computes the logits of the last position only.
+        """
         B, T = idx.shape
-        if T > self.config.block_size:
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.block_size:
             raise UserError(
-                f"input of {T} tokens is longer than the model's block_size {self.config.block_size}: "
+                f"input of {start + T} tokens is longer than the model's block_size {self.config.block_size}: "
                 f"crop it to the last {self.config.block_size} tokens, or use a shorter data sequence length."
             )
-        pos = torch.arange(T, device=idx.device)
+        if cache is None and valid is not None:
+            raise ValueError("`valid` (padding) needs a `cache`: only the cached forward masks padding")
+        if pos is None:
+            pos = torch.arange(start, start + T, device=idx.device)
+        mask = None if cache is None else cache.extend(idx, valid)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
+        for i, block in enumerate(self.transformer.h):
             if self.config.activation_checkpointing and self.training:
                 # Keep only each block's input; recompute its insides during backward.
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x)
-        return self.lm_head(self.transformer.ln_f(x))
+                x = block(x, cache, i, mask)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if cache is None:
+            return logits
+        cache.length += T
+        return logits, cache
+
+
+class KVCache:
+    """The keys and values of every layer for the tokens seen so far, so that generating a token
+    computes only that token instead of the whole context again.
+
+    Buffers hold ``max_len`` positions and are written in place (growing tensors would copy the
+    whole cache every step); they are allocated on first use with the keys' shape, dtype and device.
+    ``valid`` records which cached positions are real tokens: a batch of prompts of unequal length
+    is left-padded, and the padding must never be attended to.
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.length = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.valid: torch.Tensor | None = None
+        self.padded = False  # whether any cached position is padding (then every step needs a mask)
+
+    def reset(self) -> None:
+        """Forget every position; the buffers are kept for reuse."""
+        self.length, self.padded = 0, False
+
+    def extend(self, idx: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor | None:
+        """Record the new tokens idx (B, T); the boolean (B, 1, T, S) mask of the keys each may
+        attend to, S = cached + new, or None when every new token may attend to every key."""
+        (B, T), device = idx.shape, idx.device
+        start, end = self.length, self.length + T
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions; {end} were asked for")
+        if self.valid is None:
+            self.valid = torch.zeros(B, self.max_len, dtype=torch.bool, device=device)
+        if valid is None:
+            self.valid[:, start:end] = True
+        else:
+            self.valid[:, start:end] = valid
+            self.padded = self.padded or not bool(valid.all())
+        if T == 1 and not self.padded:
+            return None
+        q_pos = torch.arange(start, end, device=device)[:, None]
+        k_pos = torch.arange(end, device=device)[None, :]
+        allowed = (k_pos <= q_pos) & self.valid[:, None, :end]  # causal, offset by the cached length
+        # A padding token attends to itself: a query with no key at all would make NaNs, and a NaN
+        # value times a zero attention weight is still NaN in the rows that do use it.
+        allowed |= k_pos == q_pos
+        return allowed[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one layer's new keys and values (B, H, T, D); all of that layer's so far."""
+        if len(self.k) <= layer:
+            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            self.k.append(k.new_zeros(shape))
+            self.v.append(v.new_zeros(shape))
+        end = self.length + k.size(2)
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

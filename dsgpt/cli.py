@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_failure(sub)
     _add_export(sub)
     _add_generate(sub)
+    _add_eval(sub)
     return parser
 
 
@@ -168,7 +169,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="P",
                    help="> 0; > 1 discourages tokens already in the text (CTRL / Hugging Face); default 1 = off")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="end a text where this string appears (cut before it); repeatable")
+                   help="end a text where this string appears (cut before it); repeatable. In bash, "
+                        "$'\\n' is a newline")
     p.add_argument("--num-samples", type=int, default=1, help="texts per prompt, >= 1 (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="texts generated together (default 8)")
@@ -198,6 +200,45 @@ def _run_generate(args) -> int:
             prompt, sample = divmod(i, args.num_samples)
             print(f"--- prompt {prompt + 1}, sample {sample + 1} ---" if len(named) > 1 else f"--- sample {i + 1} ---")
         print(text)
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="score a run's checkpoint: val loss / perplexity / accuracy / bits per byte, generation tasks",
+        description="Evaluate a run's checkpoint in one process (any ZeRO stage; the GPU when there is one). "
+                    "Tasks: lm (the prepared val split: loss, perplexity, next-token accuracy over the "
+                    "trainer's val windows, and bits per byte over whole val documents) and gen:FILE.jsonl "
+                    "(greedy continuations of {\"prompt\", \"reference\"} lines scored by BLEU, ROUGE-1/2/L "
+                    "F1 and exact match); any other name is an lm-evaluation-harness task (offline: local "
+                    "task YAMLs with --include-path). Writes RUN/eval/<tag>.json and TensorBoard scalars "
+                    "eval/<task>/<metric>.",
+    )
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="run dir written by launch/train.py (runs/NAME)")
+    p.add_argument("--checkpoint", default="latest", metavar="WHICH",
+                   help="latest (default), best, or a checkpoint tag such as step0000200")
+    p.add_argument("--tasks", default="lm", metavar="LIST",
+                   help="comma-separated: lm, gen:FILE.jsonl, lm-eval task names (default lm)")
+    p.add_argument("--include-path", default=None, metavar="DIR", help="lm-eval: a folder of your own task YAMLs")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="lm-eval: at most N examples per task")
+    p.add_argument("--batches", type=int, default=None, help="lm: validation batches (default: the run's train.eval_batches)")
+    p.add_argument("--batch-size", type=int, default=None, help="lm: windows per forward (memory only)")
+    p.add_argument("--max-docs", type=int, default=100, metavar="N",
+                   help="lm: bits per byte over the first N val documents (default 100)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="gen: tokens per answer (default 64)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="fp32 (default) or bf16 autocast")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto (default): the GPU when there is one")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from dsgpt.eval.harness import EvalOptions, format_table, run_eval
+    opts = EvalOptions(which=args.checkpoint, tasks=args.tasks, batches=args.batches, batch_size=args.batch_size,
+                       max_docs=args.max_docs, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                       device=args.device, include_path=args.include_path, limit=args.limit)
+    print(format_table(args.run, run_eval(args.run, opts)))
     return 0
 
 

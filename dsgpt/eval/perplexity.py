@@ -49,29 +49,6 @@ def evaluate(engine, batches, device) -> EvalResult:
 def val_set_size(cfg, batches=None) -> tuple[int, int]:
     """(windows, batch size) of a run's validation set: `batches` (default train.eval_batches)
     batches of the eval batch size. The window count never depends on the number of ranks, so
-    the trainer on any world size and launch/eval.py score the same windows."""
+    the trainer on any world size and `dsgpt eval` score the same windows."""
     batch_size = cfg.eval.batch_size or cfg.train.micro_batch_size
     return (batches or cfg.train.eval_batches) * batch_size, batch_size
-
-
-def evaluate_run(run_dir, which: str = "latest", batches=None, batch_size=None) -> dict:
-    """Evaluate a run's checkpoint in this process; writes `eval/<tag>.json` in the run dir.
-
-    `batch_size` only changes how the windows are batched (memory), not which are scored."""
-    from pathlib import Path
-
-    from dsgpt.data.dataset import TokenData
-    from dsgpt.errors import UserError
-    from dsgpt.io import atomic_write_json
-    from dsgpt.runs import data_dir, load_model
-    for flag, value in (("--batches", batches), ("--batch-size", batch_size)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} = {value}: must be an integer >= 1 (or left out for the run's own setting).")
-    model, cfg, tag = load_model(run_dir, which)
-    data = TokenData(data_dir(cfg.data.path, cfg.data.builtin_vocab_size), model.config.block_size, cfg.run.seed)
-    n_windows, bs = val_set_size(cfg, batches)
-    res = evaluate(model, data.val_batches(n_windows, batch_size or bs, 0, 1), torch.device("cpu"))
-    out = {"checkpoint": tag, "val/loss": res.loss, "val/ppl": res.ppl, "val/accuracy": res.accuracy,
-           "tokens": res.tokens}
-    atomic_write_json(Path(run_dir) / "eval" / f"{tag}.json", out)
-    return out

@@ -298,7 +298,7 @@ class Run:
         x, _ = next(iter(self.data.val_batches(1, 1, 0, 1)))
         self.engine.eval()
         out = sample(self.engine, x[:, :16].to(self.device), self.t.sample_tokens, self.mcfg.block_size,
-                     generator=gen, top_k=50)
+                     generator=gen, top_k=50, vocab_size=self.data.vocab_size)  # never the padding rows
         self.engine.train()
         if self.ctx.is_main:
             text = load_tokenizer(self.data.path).decode(out[0].tolist())

@@ -1,0 +1,211 @@
+"""`dsgpt eval`: score a run's checkpoint on a list of tasks, in one process.
+
+Tasks:
+  lm        the prepared val split: loss, perplexity and next-token accuracy over the same windows
+            the trainer scores (see perplexity.py), and bits per byte over whole documents (bpb.py)
+  gen:FILE  continue each prompt of a JSONL file, score against references (generation.py)
+
+Results go three ways: a table on stdout (the caller prints `format_table`), `eval/<tag>.json` in
+the run dir, and TensorBoard scalars `eval/<task>/<metric>` at the checkpoint's step in `tb/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dsgpt.errors import UserError
+
+TASKS = ("lm", "gen")  # dsgpt's own; any other bare name is an lm-evaluation-harness task
+
+
+@dataclass
+class Task:
+    name: str               # the key in results: "lm", or "gen/<file stem>"
+    kind: str               # one of TASKS, or "lm_eval"
+    path: Optional[Path] = None
+
+
+@dataclass
+class EvalOptions:
+    which: str = "latest"
+    tasks: str = "lm"
+    batches: Optional[int] = None      # lm windows: the run's train.eval_batches unless given
+    batch_size: Optional[int] = None
+    max_docs: Optional[int] = 100      # bits per byte: the first N val documents (None: all)
+    max_new_tokens: int = 64
+    dtype: str = "fp32"
+    device: str = "auto"
+    progress: Optional[bool] = None    # None: a bar when stderr is a terminal
+    include_path: Optional[str] = None  # lm-eval: a folder of task YAMLs of your own
+    limit: Optional[int] = None        # lm-eval: at most N examples per task
+
+
+def parse_tasks(spec: str) -> list[Task]:
+    """`lm,gen:qa.jsonl,hellaswag` -> tasks; a bare name that is not lm is an lm-eval task (checked
+    against lm-eval's index later); an unknown `kind:ARG` is a UserError naming the closest kinds."""
+    tasks: list[Task] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        kind, _, arg = item.partition(":")
+        if kind not in TASKS and not arg:
+            tasks.append(Task(kind, "lm_eval"))
+            continue
+        if kind not in TASKS:
+            close = difflib.get_close_matches(kind, TASKS, n=2, cutoff=0.3)
+            raise UserError(f"Unknown eval task '{kind}' in --tasks {spec!r}"
+                            + (f" (closest: {', '.join(close)})" if close else "")
+                            + ". Tasks: lm, gen:FILE.jsonl, or lm-eval task names.")
+        if kind == "lm":
+            if arg:
+                raise UserError(f"The lm task takes no argument ('{item}' in --tasks); write just lm.")
+            tasks.append(Task("lm", "lm"))
+            continue
+        if not arg:
+            raise UserError(f"The gen task needs a file: gen:FILE.jsonl ('{item}' in --tasks).")
+        path = Path(arg).expanduser()
+        tasks.append(Task(f"gen/{path.stem}", "gen", path))
+    names = [t.name for t in tasks]
+    if not tasks:
+        raise UserError("--tasks is empty; give lm and/or gen:FILE.jsonl, separated by commas.")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"--tasks names {', '.join(dup)} twice (gen tasks are named by file stem); "
+                        f"rename one of the files or drop the repeat.")
+    return tasks
+
+
+def _check_options(opts: EvalOptions) -> None:
+    for flag, value in (("--batches", opts.batches), ("--batch-size", opts.batch_size),
+                        ("--max-docs", opts.max_docs), ("--max-new-tokens", opts.max_new_tokens)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} = {value}: must be an integer >= 1 (or left out for the default).")
+    if opts.dtype not in ("fp32", "bf16"):
+        raise UserError(f"--dtype {opts.dtype!r} is not one of fp32, bf16.")
+
+
+def _precision(dtype: str, device: torch.device):
+    """bf16 through autocast: weights stay fp32, matmuls run in bf16, losses are summed in fp32."""
+    if dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def checkpoint_step(run_dir: Path, tag: str) -> int:
+    from dsgpt.runs import read_state
+    return int(read_state(run_dir / "checkpoints" / tag).get("step", 0))
+
+
+def run_eval(run_dir, opts: Optional[EvalOptions] = None) -> dict:
+    """Evaluate a run's checkpoint on `opts.tasks`; writes `eval/<tag>.json` and TensorBoard
+    scalars in the run dir, and returns the results."""
+    from dsgpt.eval.generation import read_examples, run_generation
+    from dsgpt.generate import resolve_device
+    from dsgpt.io import atomic_write_json
+    from dsgpt.runs import load_model, run_tokenizer
+    run_dir = Path(run_dir)
+    opts = opts or EvalOptions()
+    _check_options(opts)
+    tasks = parse_tasks(opts.tasks)
+    # Inputs first: a typo costs no model load.
+    examples = {t.name: read_examples(t.path) for t in tasks if t.kind == "gen"}
+    harness_tasks = [t.name for t in tasks if t.kind == "lm_eval"]
+    if harness_tasks:
+        from dsgpt.eval.lm_eval_adapter import check_task_names, task_manager
+        check_task_names(harness_tasks, task_manager(opts.include_path))
+    device = resolve_device(opts.device)
+    progress = sys.stderr.isatty() if opts.progress is None else opts.progress
+    model, cfg, tag = load_model(run_dir, opts.which)
+    tok, eos = run_tokenizer(run_dir, cfg)
+    model.to(device)
+    step = checkpoint_step(run_dir, tag)
+    out: dict = {"checkpoint": tag, "step": step, "dtype": opts.dtype}
+    with _precision(opts.dtype, device):
+        for task in tasks:
+            if task.kind == "lm":
+                out.update(_lm_task(model, cfg, tok, opts, device, progress))
+            elif task.kind == "lm_eval":
+                continue  # all together below, in one lm-eval call
+            else:
+                scores, records = run_generation(model, tok, eos, examples[task.name], opts.max_new_tokens,
+                                                 device, progress)
+                out[task.name] = {**scores, "file": str(task.path), "samples": records}
+    if harness_tasks:
+        from dsgpt.eval.lm_eval_adapter import run_tasks
+        out.update(run_tasks(run_dir, harness_tasks, include_path=opts.include_path, checkpoint=tag,
+                             limit=opts.limit, device=device.type, dtype=opts.dtype))
+    atomic_write_json(run_dir / "eval" / f"{tag}.json", out)
+    write_tensorboard(run_dir, step, out)
+    return out
+
+
+def _lm_task(model, cfg, tok, opts: EvalOptions, device, progress: bool) -> dict:
+    from dsgpt.data.dataset import TokenData
+    from dsgpt.eval.bpb import bits_per_byte
+    from dsgpt.eval.perplexity import evaluate, val_set_size
+    from dsgpt.runs import data_dir
+    block = model.config.block_size
+    data = TokenData(data_dir(cfg.data.path, cfg.data.builtin_vocab_size), block, cfg.run.seed)
+    n_windows, bs = val_set_size(cfg, opts.batches)
+    res = evaluate(model, data.val_batches(n_windows, opts.batch_size or bs, 0, 1), device)
+    bpb = bits_per_byte(model, data, tok, block, opts.max_docs, device=device, progress=progress)
+    lm = {"loss": res.loss, "ppl": res.ppl, "accuracy": res.accuracy, "tokens": res.tokens,
+          "bpb": bpb.bpb, "bpb_documents": bpb.documents, "bpb_bytes": bpb.bytes, "bpb_tokens": bpb.tokens,
+          "bpb_stride": bpb.stride}
+    # The flat keys are what eval results held before tasks existed; readers rely on them.
+    return {"val/loss": res.loss, "val/ppl": res.ppl, "val/accuracy": res.accuracy, "tokens": res.tokens,
+            "lm": lm}
+
+
+def _scalars(result: dict) -> dict[str, float]:
+    """`eval/<task>/<metric>` for every finite number under a task."""
+    tags = {}
+    for task, metrics in result.items():
+        if not isinstance(metrics, dict):
+            continue
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                tags[f"eval/{task}/{key}"] = float(value)
+    return tags
+
+
+def write_tensorboard(run_dir: Path, step: int, result: dict) -> None:
+    # A writer of its own (a new events file in tb/), without purge_step: purging would hide the
+    # training curves logged after this step.
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+    try:
+        for tag, value in _scalars(result).items():
+            writer.add_scalar(tag, value, step)
+    finally:
+        writer.close()
+
+
+def summary_line(run_dir, result: dict) -> str:
+    """The one-line lm summary that launch/eval.py has always printed."""
+    return (f"{run_dir} [{result['checkpoint']}]: val loss {result['val/loss']:.4f}, "
+            f"perplexity {result['val/ppl']:.2f}, next-token accuracy {result['val/accuracy']:.3f} "
+            f"over {result['tokens']} tokens")
+
+
+def format_table(run_dir, result: dict) -> str:
+    """A readable table of every task's metrics (lm's summary line first, when it ran)."""
+    lines = [summary_line(run_dir, result)] if "lm" in result else []
+    rows = [(task, key, value) for task, metrics in result.items() if isinstance(metrics, dict)
+            for key, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    w_task = max([len("task")] + [len(t) for t, _, _ in rows])
+    w_key = max([len("metric")] + [len(k) for _, k, _ in rows])
+    lines.append(f"checkpoint {result['checkpoint']} (step {result['step']}, {result['dtype']})")
+    lines.append(f"{'task':<{w_task}}  {'metric':<{w_key}}  {'value':>12}")
+    for task, key, value in rows:
+        text = f"{value:d}" if isinstance(value, int) else f"{value:.4f}"
+        lines.append(f"{task:<{w_task}}  {key:<{w_key}}  {text:>12}")
+    return "\n".join(lines)

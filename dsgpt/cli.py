@@ -123,6 +123,13 @@ def _run_prepare(args) -> int:
     return 0
 
 
+def _add_run_args(p) -> None:
+    """--run and --checkpoint: which trained weights a command reads (export, generate, eval)."""
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="run dir written by launch/train.py (runs/NAME)")
+    p.add_argument("--checkpoint", default="latest", metavar="WHICH",
+                   help="latest (default), best, or a checkpoint tag such as step0000200")
+
+
 def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
@@ -130,9 +137,7 @@ def _add_export(sub) -> None:
         description="Write a checkpoint of a run as a directory that transformers' "
                     "AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained load.",
     )
-    p.add_argument("--run", required=True, metavar="RUN_DIR", help="the run directory (runs/NAME)")
-    p.add_argument("--checkpoint", default="latest", metavar="WHICH",
-                   help="latest (default), best, or a checkpoint tag such as step0000100")
+    _add_run_args(p)
     p.add_argument("--hf", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in DIR")
     p.set_defaults(func=_run_export)
@@ -153,9 +158,7 @@ def _add_generate(sub) -> None:
         description="Sample text from a run's checkpoint with a KV cache: greedy or temperature / top-k / "
                     "top-p, repetition penalty, stop strings; a single prompt streams to the terminal.",
     )
-    p.add_argument("--run", required=True, metavar="RUN_DIR", help="run dir written by launch/train.py (runs/NAME)")
-    p.add_argument("--checkpoint", default="latest", metavar="WHICH",
-                   help="latest (default), best, or a checkpoint tag such as step0000200")
+    _add_run_args(p)
     what = p.add_mutually_exclusive_group()
     what.add_argument("--prompt", default="", help="text to continue (default: empty, start from EOS)")
     what.add_argument("--prompts-file", metavar="FILE",
@@ -215,9 +218,7 @@ def _add_eval(sub) -> None:
                     "task YAMLs with --include-path). Writes RUN/eval/<tag>.json and TensorBoard scalars "
                     "eval/<task>/<metric>.",
     )
-    p.add_argument("--run", required=True, metavar="RUN_DIR", help="run dir written by launch/train.py (runs/NAME)")
-    p.add_argument("--checkpoint", default="latest", metavar="WHICH",
-                   help="latest (default), best, or a checkpoint tag such as step0000200")
+    _add_run_args(p)
     p.add_argument("--tasks", default="lm", metavar="LIST",
                    help="comma-separated: lm, gen:FILE.jsonl, lm-eval task names (default lm)")
     p.add_argument("--include-path", default=None, metavar="DIR", help="lm-eval: a folder of your own task YAMLs")

@@ -33,7 +33,8 @@ def build(config: str, overrides: list[str]) -> Bench:
     from dsgpt import dist
     from dsgpt.config import load_config
     from dsgpt.ds_config import resolve_ds_config
-    from dsgpt.train.engine import build_engine, build_model
+    from dsgpt.train.engine import build_engine
+    from dsgpt.zero import build_model
     from dsgpt.train.run_setup import check_precision, model_config
 
     cfg = load_config(config, overrides)

@@ -210,7 +210,8 @@ def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval",
         help="score a run's checkpoint: val loss / perplexity / accuracy / bits per byte, generation tasks",
-        description="Evaluate a run's checkpoint in one process (any ZeRO stage; the GPU when there is one). "
+        description="Evaluate a run's checkpoint (any ZeRO stage; the GPU when there is one) in one process, or on "
+                    "several ranks under deepspeed/srun/mpirun (see --zero-stage). "
                     "Tasks: lm (the prepared val split: loss, perplexity, next-token accuracy over the "
                     "trainer's val windows, and bits per byte over whole val documents) and gen:FILE.jsonl "
                     "(greedy continuations of {\"prompt\", \"reference\"} lines scored by BLEU, ROUGE-1/2/L "
@@ -230,16 +231,24 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="gen: tokens per answer (default 64)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="fp32 (default) or bf16 autocast")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto (default): the GPU when there is one")
+                   help="auto (default): the GPU when there is one; on several ranks each takes its own")
+    p.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2, 3),
+                   help="several ranks: 3 shards the model and runs the ranks in lockstep, 0-2 give each rank "
+                        "the whole model and a share of the work (default: the run's stage)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
     p.set_defaults(func=_run_eval)
 
 
 def _run_eval(args) -> int:
+    from dsgpt import dist
     from dsgpt.eval.harness import EvalOptions, format_table, run_eval
     opts = EvalOptions(which=args.checkpoint, tasks=args.tasks, batches=args.batches, batch_size=args.batch_size,
                        max_docs=args.max_docs, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-                       device=args.device, include_path=args.include_path, limit=args.limit)
-    print(format_table(args.run, run_eval(args.run, opts)))
+                       device=args.device, include_path=args.include_path, limit=args.limit,
+                       zero_stage=args.zero_stage)
+    result = run_eval(args.run, opts)
+    if dist.rank() == 0:
+        print(format_table(args.run, result))
     return 0
 
 

@@ -110,6 +110,13 @@ class OptimSection(Section):
 
 class EvalSection(Section):
     batch_size: Optional[int] = None  # None = train.micro_batch_size
+    # Harness tasks on the live model during training, as `dsgpt eval --tasks` takes them
+    # (lm-eval task names, gen:FILE.jsonl, lm); logged as eval/<task>/<metric>. None = off.
+    tasks: Optional[str] = None
+    interval: int = Field(0, ge=0)  # steps between task evals; 0 = with every validation (train.eval_interval)
+    include_path: Optional[str] = None  # lm-eval: a folder of your own task YAMLs
+    limit: Optional[int] = Field(None, ge=1)  # lm-eval: at most N examples per task
+    max_new_tokens: int = Field(64, ge=1)  # gen tasks and lm-eval generate_until
 
 
 class DeepSpeedSection(Section):

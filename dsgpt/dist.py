@@ -145,6 +145,18 @@ def _discover() -> _Launch:
     return _Launch(rank=0, local_rank=0, world=1, local_world=1, node_rank=0, launcher="single")
 
 
+def launched_world_size() -> int:
+    """How many ranks the launcher started (1 for a plain `python`), before any process group."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return max(1, _int_env("WORLD_SIZE", default=1))
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and "SLURM_NTASKS" in env:
+        return max(1, _int_env("SLURM_NTASKS", default=1))
+    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env or "PMIX_RANK" in env:
+        return _int_env("OMPI_COMM_WORLD_SIZE", "PMI_SIZE") or _from_mpi().world
+    return 1
+
+
 def _export(launch: _Launch) -> None:
     """What torch.distributed's env:// rendezvous reads, whatever the launcher."""
     for key, value in (("RANK", launch.rank), ("LOCAL_RANK", launch.local_rank), ("WORLD_SIZE", launch.world),
@@ -211,6 +223,12 @@ def setup(timeout_minutes: float = 10.0) -> DistContext:
                        local_world_size=launch.local_world, node_rank=launch.node_rank, backend=backend,
                        device_type="cuda" if on_gpu else "cpu", launcher=launch.launcher,
                        hostname=socket.gethostname())
+
+
+def rank() -> int:
+    """This process's rank in the process group (0 without one)."""
+    import torch.distributed as td
+    return td.get_rank() if td.is_initialized() else 0
 
 
 def barrier() -> None:

@@ -449,8 +449,8 @@ def generate_text(run_dir, prompt: str | Sequence[str] = "", max_new_tokens: int
     dev = resolve_device(device)
     if on_text is not None and len(prompts) * num_samples != 1:
         raise UserError("Streaming shows one text: use it with one prompt and --num-samples 1 (or --no-stream).")
-    model, cfg, _ = load_model(run_dir, which)
-    tok, eos = run_tokenizer(run_dir, cfg)
+    model, cfg, tag = load_model(run_dir, which)
+    tok, eos = run_tokenizer(run_dir, cfg, tag, model.config.vocab_size)
     block = model.config.block_size
     names = prompt_names or (["the prompt"] if len(prompts) == 1 else [f"prompt {i + 1}" for i in range(len(prompts))])
     check_prompt_lengths([len(tok.encode(p).ids) for p in prompts], block, names)

@@ -145,7 +145,7 @@ def export(run_dir, out_dir, which: str = "latest", overwrite: bool = False) -> 
     out_dir = Path(out_dir).expanduser()
     _check_export_target(out_dir, overwrite)
     model, cfg, tag = runs.load_model(run_dir, which)
-    tok, eos = runs.run_tokenizer(run_dir, cfg)
+    tok, eos = runs.run_tokenizer(run_dir, cfg, tag, model.config.vocab_size)
     hf = to_hf_model(model, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     tmp = temp_dir_beside(out_dir)
     try:

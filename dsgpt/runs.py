@@ -252,13 +252,12 @@ def data_dir(data_path: str, builtin_vocab_size: int) -> Path:
     return resolve_path(data_path)
 
 
-def load_model(run_dir, which: str = "latest"):
-    """A trained model from a run dir, in one process on CPU, in eval mode.
+def resolve_checkpoint(run_dir, which: str = "latest"):
+    """(run config, tag, GPTConfig) of a run's intact checkpoint, without reading its weights.
 
-    `which` is `latest`, `best` or a tag name. Returns (model, run config, tag).
-    """
+    `which` is `latest`, `best` or a tag name; anything missing or damaged is a UserError."""
     from dsgpt.config import load_config
-    from dsgpt.model import GPT, GPTConfig
+    from dsgpt.model import GPTConfig
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"The run dir '{run_dir}' does not exist. Pass --run runs/NAME of a run that "
@@ -282,7 +281,18 @@ def load_model(run_dir, which: str = "latest"):
     if not isinstance(shape, dict):
         raise UserError(f"The checkpoint '{ckpt_dir / tag}' records no model shape in its {STATE_FILE}; "
                         f"it was not written by this version of dsgpt. Use another checkpoint.")
-    model = GPT(GPTConfig(**shape, bias=cfg.model.bias, dropout=0.0))
+    return cfg, tag, GPTConfig(**shape, bias=cfg.model.bias, dropout=0.0)
+
+
+def load_model(run_dir, which: str = "latest"):
+    """A trained model from a run dir, in one process on CPU, in eval mode.
+
+    `which` is `latest`, `best` or a tag name. Returns (model, run config, tag).
+    """
+    from dsgpt.model import GPT
+    cfg, tag, mcfg = resolve_checkpoint(run_dir, which)
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    model = GPT(mcfg)
     sd = consolidated_state_dict(ckpt_dir, tag)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # The output layer is tied to the embedding; ZeRO's consolidation may store it once.
@@ -299,11 +309,12 @@ def load_tokenizer_for(cfg):
     return load_tokenizer(data_dir(cfg.data.path, cfg.data.builtin_vocab_size))
 
 
-def run_tokenizer(run_dir, cfg):
+def run_tokenizer(run_dir, cfg, tag: Optional[str] = None, model_vocab: Optional[int] = None):
     """(tokenizer, EOS id) a run trained with: its data dir's tokenizer.json and meta's eos_id.
 
     The run dir keeps no copy of them, so a run whose data dir is gone cannot say which text its
-    token ids stand for: that is an error naming the dir, not a guess."""
+    token ids stand for: that is an error naming the dir, not a guess. With `tag`, the tokenizer
+    must be the one that checkpoint recorded; with `model_vocab`, every id must have a row."""
     from dsgpt.data.tokenizer import configured_eos, eos_id, load_tokenizer
     path = data_dir(cfg.data.path, cfg.data.builtin_vocab_size)
     if not (path / "tokenizer.json").is_file():
@@ -311,8 +322,27 @@ def run_tokenizer(run_dir, cfg):
                         f"which holds no tokenizer.json any more, and its tokenizer is needed here. Restore that "
                         f"data dir, or set data.path in '{Path(run_dir) / 'config.yaml'}' to a copy of it.")
     tok = load_tokenizer(path)
+    _check_run_tokenizer(tok, path, Path(run_dir), tag, model_vocab)
     try:
         eos = int(json.loads((path / "meta.json").read_bytes())["eos_id"])
     except (OSError, ValueError, KeyError, TypeError):  # meta unreadable: the tokenizer's own EOS
         eos = eos_id(tok, configured_eos(path))
     return tok, eos
+
+
+def _check_run_tokenizer(tok, data_path: Path, run_dir: Path, tag: Optional[str], model_vocab: Optional[int]) -> None:
+    """The data dir's tokenizer must still be the run's: a data dir prepared again with another
+    tokenizer would turn every id into another piece of text without any other sign."""
+    from dsgpt.data.tokenizer import vocab_hash
+    recorded = read_state(run_dir / "checkpoints" / tag).get("vocab_sha256") if tag else None
+    size = tok.get_vocab_size(with_added_tokens=True)
+    found = vocab_hash(tok) if recorded else None
+    if recorded and found != recorded:
+        problem = f"checkpoint {tag} was trained with vocab sha256 {recorded}, the data dir now holds {found}"
+    elif model_vocab is not None and size > model_vocab:
+        problem = f"its {size} tokens do not fit the model's {model_vocab} embedding rows"
+    else:
+        return
+    raise UserError(f"The tokenizer in '{data_path}' (data.path of run '{run_dir}') is not the one the run was "
+                    f"trained with: {problem}. The data dir was prepared again with another tokenizer. Restore "
+                    f"the original data dir, or set data.path in '{run_dir / 'config.yaml'}' to a copy of it.")

@@ -15,7 +15,7 @@ from dsgpt import dist
 from dsgpt.config import load_config
 from dsgpt.ds_config import resolve_ds_config
 from dsgpt.model import GPT, GPTConfig, param_groups
-from dsgpt.train.engine import build_model
+from dsgpt.zero import build_model
 
 ctx = dist.setup()
 cfg = load_config(None, ["deepspeed.config=ds_configs/zero3.json", "model.n_embd=32"])

@@ -87,21 +87,26 @@ def document_nats(model, ids: np.ndarray, eos_id: int, block_size: int, stride: 
     return nats, len(seq) - 1
 
 
-def bits_per_byte(model, data, tok, block_size: int, max_docs: Optional[int] = None,
-                  stride: Optional[int] = None, device="cpu", progress: bool = False) -> BpbResult:
-    """bpb of `model` over the first `max_docs` val documents of `data` (a TokenData)."""
+def bits_per_byte(lm, data, tok, max_docs: Optional[int] = None, stride: Optional[int] = None,
+                  progress: bool = False) -> BpbResult:
+    """bpb of a LoadedModel over the first `max_docs` val documents of `data` (a TokenData); on
+    several ranks each takes its share of the documents (all of them in ZeRO-3 lockstep)."""
     from tqdm import tqdm
+    block_size = lm.config.block_size
     stride = stride or max(1, block_size // 2)
     if not 1 <= stride <= block_size:
         raise ValueError(f"stride {stride} must be in [1, block_size={block_size}]")
     nats = 0.0
     n_bytes = n_tokens = n_docs = 0
-    for ids in tqdm(val_documents(data, max_docs), desc="bits per byte", unit="doc", total=max_docs,
-                    disable=not progress, leave=False):
-        doc_nats, doc_tokens = document_nats(model, ids, data.eos_id, block_size, stride, device)
+    for i, ids in enumerate(tqdm(val_documents(data, max_docs), desc="bits per byte", unit="doc", total=max_docs,
+                                 disable=not progress, leave=False)):
+        n_docs += 1
+        if not lm.owns(i):
+            continue
+        doc_nats, doc_tokens = document_nats(lm.forward, ids, data.eos_id, block_size, stride, lm.device)
         nats += doc_nats
         n_tokens += doc_tokens
         n_bytes += len(tok.decode(ids.tolist()).encode("utf-8"))
-        n_docs += 1
+    nats, n_bytes, n_tokens = lm.sum([nats, float(n_bytes), float(n_tokens)])
     bpb = nats / (math.log(2) * n_bytes) if n_bytes else float("nan")
-    return BpbResult(bpb=bpb, nats=nats, bytes=n_bytes, tokens=n_tokens, documents=n_docs, stride=stride)
+    return BpbResult(bpb=bpb, nats=nats, bytes=int(n_bytes), tokens=int(n_tokens), documents=n_docs, stride=stride)

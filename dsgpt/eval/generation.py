@@ -12,8 +12,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from dsgpt.errors import UserError
 from dsgpt.eval.text_metrics import score_texts
 
@@ -55,29 +53,33 @@ def read_examples(path) -> list[Example]:
     return examples
 
 
-def continuation(model, tok, eos_id: int, prompt: str, max_new_tokens: int, device) -> str:
-    """The model's greedy continuation of `prompt` as text, without the prompt and the EOS.
-
-    The one call into dsgpt.generate, so a faster batched API can replace it here alone."""
-    from dsgpt.generate import sample
-    ids = [eos_id] + tok.encode(prompt).ids
-    block = model.config.block_size
-    if len(ids) > block:
-        raise UserError(f"A prompt is {len(ids)} tokens (with its leading EOS), longer than the model's "
-                        f"context of {block}: {prompt[:60]!r}. Shorten it.")
-    out = sample(model, torch.tensor([ids], device=device), max_new_tokens, block, temperature=0.0,
-                 eos_id=eos_id, vocab_size=tok.get_vocab_size())[0, len(ids):].tolist()
-    if eos_id in out:
-        out = out[:out.index(eos_id)]
-    return tok.decode(out)
-
-
-def run_generation(model, tok, eos_id: int, examples: list[Example], max_new_tokens: int, device,
-                   progress: bool = False) -> tuple[dict, list[dict]]:
-    """(scores, per-example records) of the model on `examples`."""
+def continuations(lm, tok, eos_id: int, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
+                  progress: bool = False) -> list[str]:
+    """The greedy continuation of each prompt as text, without the prompt and the EOS, in batches
+    of unequal prompts (each gives what it gives alone)."""
     from tqdm import tqdm
-    outputs = [continuation(model, tok, eos_id, ex.prompt, max_new_tokens, device)
-               for ex in tqdm(examples, desc="generate", unit="example", disable=not progress, leave=False)]
+
+    from dsgpt.generate import generate
+    block = lm.config.block_size
+    ids = [[eos_id] + tok.encode(p).ids for p in prompts]
+    for row, prompt in zip(ids, prompts):
+        if len(row) > block:
+            raise UserError(f"A prompt is {len(row)} tokens (with its leading EOS), longer than the model's "
+                            f"context of {block}: {prompt[:60]!r}. Shorten it.")
+    texts = []
+    for begin in tqdm(range(0, len(ids), batch_size), desc="generate", unit="batch", disable=not progress, leave=False):
+        for new in generate(lm.forward, ids[begin:begin + batch_size], max_new_tokens, eos_id=eos_id,
+                            vocab_size=tok.get_vocab_size(), device=lm.device):
+            texts.append(tok.decode(new[:-1] if new and new[-1] == eos_id else new))
+    return texts
+
+
+def run_generation(lm, tok, eos_id: int, examples: list[Example], max_new_tokens: int,
+                   progress: bool = False) -> tuple[dict, list[dict]]:
+    """(scores, per-example records) of a LoadedModel on `examples`; on several ranks each
+    continues its share of the prompts (all of them in ZeRO-3 lockstep)."""
+    mine = lm.share([ex.prompt for ex in examples])
+    outputs = lm.gather(continuations(lm, tok, eos_id, mine, max_new_tokens, progress=progress), len(examples))
     scores = score_texts(outputs, [ex.reference for ex in examples])
     scores["examples"] = len(examples)
     records = [{"prompt": ex.prompt, "reference": ex.reference, "output": out} for ex, out in zip(examples, outputs)]

@@ -1,17 +1,20 @@
-"""`dsgpt eval`: score a run's checkpoint on a list of tasks, in one process.
+"""`dsgpt eval`: score a run's checkpoint on a list of tasks, in one process or on every rank of a
+launch (see loaded.py for how ranks share the work); `score` does the same on a training run's
+live engine.
 
 Tasks:
   lm        the prepared val split: loss, perplexity and next-token accuracy over the same windows
             the trainer scores (see perplexity.py), and bits per byte over whole documents (bpb.py)
   gen:FILE  continue each prompt of a JSONL file, score against references (generation.py)
+  NAME      any other name: an lm-evaluation-harness task (lm_eval_adapter.py)
 
 Results go three ways: a table on stdout (the caller prints `format_table`), `eval/<tag>.json` in
-the run dir, and TensorBoard scalars `eval/<task>/<metric>` at the checkpoint's step in `tb/`.
+the run dir, and TensorBoard scalars `eval/<task>/<metric>` at the checkpoint's step in `tb/`
+(files from rank 0 only).
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import math
 import sys
@@ -19,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from dsgpt.errors import UserError
 
 TASKS = ("lm", "gen")  # dsgpt's own; any other bare name is an lm-evaluation-harness task
+RUN_FACTS = "run"  # the results' key for how the evaluation ran (ranks, lockstep or split, ZeRO stage)
 
 
 @dataclass
@@ -46,6 +49,8 @@ class EvalOptions:
     progress: Optional[bool] = None    # None: a bar when stderr is a terminal
     include_path: Optional[str] = None  # lm-eval: a folder of task YAMLs of your own
     limit: Optional[int] = None        # lm-eval: at most N examples per task
+    zero_stage: Optional[int] = None   # on several ranks: how to share the model (default: the run's stage)
+    bootstrap_iters: int = 100000      # lm-eval: resamples for standard errors (0: none)
 
 
 def parse_tasks(spec: str) -> list[Task]:
@@ -88,15 +93,10 @@ def _check_options(opts: EvalOptions) -> None:
                         ("--max-docs", opts.max_docs), ("--max-new-tokens", opts.max_new_tokens)):
         if value is not None and value < 1:
             raise UserError(f"{flag} = {value}: must be an integer >= 1 (or left out for the default).")
+    if opts.zero_stage not in (None, 0, 1, 2, 3):
+        raise UserError(f"--zero-stage {opts.zero_stage} is not one of 0, 1, 2, 3.")
     if opts.dtype not in ("fp32", "bf16"):
         raise UserError(f"--dtype {opts.dtype!r} is not one of fp32, bf16.")
-
-
-def _precision(dtype: str, device: torch.device):
-    """bf16 through autocast: weights stay fp32, matmuls run in bf16, losses are summed in fp32."""
-    if dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def checkpoint_step(run_dir: Path, tag: str) -> int:
@@ -104,72 +104,88 @@ def checkpoint_step(run_dir: Path, tag: str) -> int:
     return int(read_state(run_dir / "checkpoints" / tag).get("step", 0))
 
 
-def run_eval(run_dir, opts: Optional[EvalOptions] = None) -> dict:
-    """Evaluate a run's checkpoint on `opts.tasks`; writes `eval/<tag>.json` and TensorBoard
-    scalars in the run dir, and returns the results."""
-    from dsgpt.eval.generation import read_examples, run_generation
-    from dsgpt.generate import resolve_device
-    from dsgpt.io import atomic_write_json
-    from dsgpt.runs import load_model, run_tokenizer
-    run_dir = Path(run_dir)
-    opts = opts or EvalOptions()
+def prepare_tasks(opts: EvalOptions) -> tuple[list[Task], dict]:
+    """(tasks, gen examples by task name), every input checked before any model is loaded."""
+    from dsgpt.eval.generation import read_examples
     _check_options(opts)
     tasks = parse_tasks(opts.tasks)
-    # Inputs first: a typo costs no model load.
     examples = {t.name: read_examples(t.path) for t in tasks if t.kind == "gen"}
     harness_tasks = [t.name for t in tasks if t.kind == "lm_eval"]
     if harness_tasks:
         from dsgpt.eval.lm_eval_adapter import check_task_names, task_manager
         check_task_names(harness_tasks, task_manager(opts.include_path))
-    device = resolve_device(opts.device)
-    progress = sys.stderr.isatty() if opts.progress is None else opts.progress
-    model, cfg, tag = load_model(run_dir, opts.which)
-    tok, eos = run_tokenizer(run_dir, cfg)
-    model.to(device)
-    step = checkpoint_step(run_dir, tag)
-    out: dict = {"checkpoint": tag, "step": step, "dtype": opts.dtype}
-    with _precision(opts.dtype, device):
-        for task in tasks:
-            if task.kind == "lm":
-                out.update(_lm_task(model, cfg, tok, opts, device, progress))
-            elif task.kind == "lm_eval":
-                continue  # all together below, in one lm-eval call
-            else:
-                scores, records = run_generation(model, tok, eos, examples[task.name], opts.max_new_tokens,
-                                                 device, progress)
-                out[task.name] = {**scores, "file": str(task.path), "samples": records}
-    if harness_tasks:
-        from dsgpt.eval.lm_eval_adapter import run_tasks
-        out.update(run_tasks(run_dir, harness_tasks, include_path=opts.include_path, checkpoint=tag,
-                             limit=opts.limit, device=device.type, dtype=opts.dtype))
-    atomic_write_json(run_dir / "eval" / f"{tag}.json", out)
-    write_tensorboard(run_dir, step, out)
+    return tasks, examples
+
+
+def run_eval(run_dir, opts: Optional[EvalOptions] = None) -> dict:
+    """Evaluate a run's checkpoint on `opts.tasks`; rank 0 writes `eval/<tag>.json` and TensorBoard
+    scalars in the run dir. Returns the results (on every rank)."""
+    from dsgpt.eval import loaded
+    from dsgpt.io import atomic_write_json
+    from dsgpt.runs import run_tokenizer
+    run_dir = Path(run_dir)
+    opts = opts or EvalOptions()
+    tasks, examples = prepare_tasks(opts)  # a typo costs no model load
+    lm, cfg = loaded.load(run_dir, opts.which, opts.device, opts.dtype, opts.zero_stage)
+    tok, eos = run_tokenizer(run_dir, cfg, lm.tag, lm.config.vocab_size)
+    step = checkpoint_step(run_dir, lm.tag)
+    out: dict = {"checkpoint": lm.tag, "step": step, "dtype": opts.dtype, RUN_FACTS: lm.facts()}
+    progress = lm.is_main and (sys.stderr.isatty() if opts.progress is None else opts.progress)
+    out.update(score(lm, cfg, tok, eos, tasks, examples, opts, progress))
+    if lm.is_main:
+        atomic_write_json(run_dir / "eval" / f"{lm.tag}.json", out)
+        write_tensorboard(run_dir, step, out)
     return out
 
 
-def _lm_task(model, cfg, tok, opts: EvalOptions, device, progress: bool) -> dict:
+def score(lm, cfg, tok, eos: int, tasks: list[Task], examples: dict, opts: EvalOptions,
+          progress: bool = False) -> dict:
+    """Every task's results on a LoadedModel (a checkpoint, or a training run's live engine).
+
+    Global RNG states are left as they were, so a training run that evaluates draws what it would
+    have drawn without."""
+    from dsgpt.eval.generation import run_generation
+    from dsgpt.eval.lm_eval_adapter import keep_rng
+    out: dict = {}
+    harness_tasks = [t.name for t in tasks if t.kind == "lm_eval"]
+    with keep_rng(), lm.precision():
+        for task in tasks:
+            if task.kind == "lm":
+                out.update(_lm_task(lm, cfg, tok, opts, progress))
+            elif task.kind == "gen":
+                scores, records = run_generation(lm, tok, eos, examples[task.name], opts.max_new_tokens, progress)
+                out[task.name] = {**scores, "file": str(task.path), "samples": records}
+        if harness_tasks:
+            from dsgpt.eval.lm_eval_adapter import DsgptLM, run_tasks
+            model = DsgptLM(loaded=lm, tokenizer=(tok, eos), max_gen_toks=opts.max_new_tokens)
+            out.update(run_tasks(None, harness_tasks, include_path=opts.include_path, limit=opts.limit,
+                                 model=model, progress=progress, bootstrap_iters=opts.bootstrap_iters))
+    return out
+
+
+def _lm_task(lm, cfg, tok, opts: EvalOptions, progress: bool) -> dict:
     from dsgpt.data.dataset import TokenData
     from dsgpt.eval.bpb import bits_per_byte
     from dsgpt.eval.perplexity import evaluate, val_set_size
     from dsgpt.runs import data_dir
-    block = model.config.block_size
-    data = TokenData(data_dir(cfg.data.path, cfg.data.builtin_vocab_size), block, cfg.run.seed)
+    data = TokenData(data_dir(cfg.data.path, cfg.data.builtin_vocab_size), lm.config.block_size, cfg.run.seed)
     n_windows, bs = val_set_size(cfg, opts.batches)
-    res = evaluate(model, data.val_batches(n_windows, opts.batch_size or bs, 0, 1), device)
-    bpb = bits_per_byte(model, data, tok, block, opts.max_docs, device=device, progress=progress)
-    lm = {"loss": res.loss, "ppl": res.ppl, "accuracy": res.accuracy, "tokens": res.tokens,
-          "bpb": bpb.bpb, "bpb_documents": bpb.documents, "bpb_bytes": bpb.bytes, "bpb_tokens": bpb.tokens,
-          "bpb_stride": bpb.stride}
+    # The trainer's windows, each rank its share (ZeRO-3 too: every rank gets as many batches).
+    res = evaluate(lm.forward, data.val_batches(n_windows, opts.batch_size or bs, lm.rank, lm.world_size), lm.device)
+    bpb = bits_per_byte(lm, data, tok, opts.max_docs, progress=progress)
+    lm_scores = {"loss": res.loss, "ppl": res.ppl, "accuracy": res.accuracy, "tokens": res.tokens,
+                 "bpb": bpb.bpb, "bpb_documents": bpb.documents, "bpb_bytes": bpb.bytes, "bpb_tokens": bpb.tokens,
+                 "bpb_stride": bpb.stride}
     # The flat keys are what eval results held before tasks existed; readers rely on them.
     return {"val/loss": res.loss, "val/ppl": res.ppl, "val/accuracy": res.accuracy, "tokens": res.tokens,
-            "lm": lm}
+            "lm": lm_scores}
 
 
-def _scalars(result: dict) -> dict[str, float]:
+def scalars(result: dict) -> dict[str, float]:
     """`eval/<task>/<metric>` for every finite number under a task."""
     tags = {}
     for task, metrics in result.items():
-        if not isinstance(metrics, dict):
+        if not isinstance(metrics, dict) or task == RUN_FACTS:
             continue
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -183,7 +199,7 @@ def write_tensorboard(run_dir: Path, step: int, result: dict) -> None:
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(log_dir=str(run_dir / "tb"))
     try:
-        for tag, value in _scalars(result).items():
+        for tag, value in scalars(result).items():
             writer.add_scalar(tag, value, step)
     finally:
         writer.close()
@@ -199,7 +215,7 @@ def summary_line(run_dir, result: dict) -> str:
 def format_table(run_dir, result: dict) -> str:
     """A readable table of every task's metrics (lm's summary line first, when it ran)."""
     lines = [summary_line(run_dir, result)] if "lm" in result else []
-    rows = [(task, key, value) for task, metrics in result.items() if isinstance(metrics, dict)
+    rows = [(task, key, value) for task, metrics in result.items() if isinstance(metrics, dict) and task != RUN_FACTS
             for key, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
     w_task = max([len("task")] + [len(t) for t, _, _ in rows])
     w_key = max([len("metric")] + [len(k) for _, k, _ in rows])

@@ -9,6 +9,7 @@ truncation, same rolling windows, log-softmax over the whole padded vocabulary),
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import random
@@ -30,9 +31,10 @@ from lm_eval.models.utils import (Collator, handle_stop_sequences, normalize_gen
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from dsgpt import dist  # noqa: E402
 from dsgpt.errors import UserError  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = ("fp32", "bf16")
 
 
 @register_model("dsgpt")
@@ -45,22 +47,24 @@ class DsgptLM(TemplateLM):
     backend = "causal"
 
     def __init__(self, run_dir=None, checkpoint: str = "latest", batch_size=8, device: str = "cpu",
-                 dtype: str = "fp32", max_gen_toks: int = 256, run=None, **unused):
+                 dtype: str = "fp32", max_gen_toks: int = 256, run=None, loaded=None, tokenizer=None,
+                 seed: int = 1234, **unused):
+        """A run's checkpoint (`run_dir`/`run`, `checkpoint`), or a model already loaded: `loaded`
+        (a dsgpt.eval.loaded.LoadedModel) with `tokenizer` = (tokenizer, EOS id)."""
         super().__init__()
-        from dsgpt import runs
-        run_dir = run_dir or run
-        if run_dir is None:
-            raise UserError("The dsgpt lm-eval model needs a run dir: model_args 'run=runs/NAME'.")
-        if dtype not in DTYPES:
-            raise UserError(f"dtype={dtype!r} is not supported: use one of {', '.join(DTYPES)}.")
-        model, cfg, self.tag = runs.load_model(run_dir, checkpoint)
-        self.tok, self.eos = runs.run_tokenizer(run_dir, cfg)
-        self._device = torch.device(device)
-        self.model = model.to(device=self._device, dtype=DTYPES[dtype]).eval()
-        self.run_dir = Path(run_dir)
+        if loaded is None:
+            loaded, tokenizer = _load(run_dir or run, checkpoint, device, dtype)
+        self.lm = loaded
+        self.model = loaded.forward
+        self.tok, self.eos = tokenizer
+        self._device = loaded.device
+        if loaded.splits:  # lm-eval hands each rank its share of the requests and gathers the results
+            self._rank, self._world_size = loaded.rank, loaded.world_size
         # lm-eval passes batch_size as a string from the command line; "auto" is not supported.
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self._max_gen_toks = int(max_gen_toks)
+        self.seed = int(seed)  # sampled generations: the same draws on every rank and every run
+        self.progress = True
 
     # ---- what lm-eval asks of a model ----------------------------------------------------------
 
@@ -70,7 +74,7 @@ class DsgptLM(TemplateLM):
 
     @property
     def max_length(self) -> int:
-        return self.model.config.block_size
+        return self.lm.config.block_size
 
     @property
     def max_gen_toks(self) -> int:
@@ -82,7 +86,31 @@ class DsgptLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return f"dsgpt:{self.run_dir}:{self.tag}"
+        from dsgpt.data.tokenizer import vocab_hash
+        return f"dsgpt:{vocab_hash(self.tok)}"
+
+    # ---- several ranks, each with the whole model (ZeRO-3 ranks run every request in lockstep) ---
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        import torch.distributed as td
+        parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
+        td.all_gather(parts, tensor)
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+    def gather_object(self, obj, dst: int = 0):
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as td
+        out = [None] * self.world_size if self.rank == dst else None
+        td.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as td
+            td.barrier()
 
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> list[int]:
         # dsgpt tokenizers add no special tokens, so the flag changes nothing.
@@ -100,7 +128,7 @@ class DsgptLM(TemplateLM):
         Longest first (padding stays small), right padded: causal attention never looks at it."""
         order = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])))
         res = []
-        pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="dsgpt loglikelihood")
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or not self.progress, desc="dsgpt loglikelihood")
         for chunk in order.get_batched(n=self.batch_size):
             rows = [self._window(ctx, cont) for _, ctx, cont in chunk]
             logprobs = self._logprobs(rows)
@@ -125,7 +153,8 @@ class DsgptLM(TemplateLM):
         batch = torch.zeros(len(rows), width, dtype=torch.long)
         for i, r in enumerate(rows):
             batch[i, :len(r)] = torch.tensor(r)
-        logits = self.model(batch.to(self._device))
+        with self.lm.precision():
+            logits = self.model(batch.to(self._device))
         return F.log_softmax(logits.float(), dim=-1).cpu()
 
     @staticmethod
@@ -155,31 +184,52 @@ class DsgptLM(TemplateLM):
     # ---- generation ----------------------------------------------------------------------------
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Continuations in batches of requests with the same generation settings, longest first;
+        each stops at the EOS, at a stop string (cut before it) or after max_gen_toks."""
         eos_text = self.tok_decode([self.eos], skip_special_tokens=False)
+        order = Collator([req.args for req in requests], sort_fn=lambda a: (-len(self.tok_encode(a[0])), a[0]),
+                         group_by="gen_kwargs", group_fn=lambda a: a[1])
         out = []
-        for req in tqdm(requests, disable=disable_tqdm, desc="dsgpt generate_until"):
-            context, gen_kwargs = req.args
-            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or not self.progress, desc="dsgpt generate_until")
+        for chunk in order.get_batched(n=self.batch_size):
+            kwargs = normalize_gen_kwargs(chunk[0][1], self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
-            new = self._continue(self.tok_encode(context)[-self.max_length:], kwargs["max_gen_toks"],
-                                 float(kwargs.get("temperature") or 0.0), kwargs.get("top_p"))
-            text = postprocess_generated_text(self.tok_decode(new), stop=until, think_end_token=None)
-            out.append(text)
-            self.cache_hook.add_partial("generate_until", req.args, text)
-        return out
+            texts = self._continue([self.tok_encode(context) for context, _ in chunk], until, kwargs)
+            for (context, gen_kwargs), text in zip(chunk, texts):
+                text = postprocess_generated_text(text, stop=until, think_end_token=None)
+                out.append(text)
+                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+                pbar.update(1)
+        pbar.close()
+        return order.get_original(out)
 
     @torch.no_grad()
-    def _continue(self, prompt: list[int], max_new: int, temperature: float, top_p) -> list[int]:
-        """New token ids after `prompt`, up to `max_new`, ending at the EOS (excluded).
+    def _continue(self, prompts: list[list[int]], until: list[str], kwargs: dict) -> list[str]:
+        """The text after each prompt (an empty one starts from the EOS), as one batch."""
+        from dsgpt.generate import Sampling, TextRow, generate
+        prompts = [p[-self.max_length:] or [self.eos] for p in prompts]
+        rows = [TextRow(self.tok, p, until) for p in prompts]
+        temperature = float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample", True) else 0.0
+        sampling = Sampling(temperature, None, kwargs.get("top_p"), 1.0)
+        with self.lm.precision():
+            generate(self.model, prompts, int(kwargs["max_gen_toks"]), sampling, eos_id=self.eos,
+                     vocab_size=self.tok.get_vocab_size(), device=self._device,
+                     generator=torch.Generator().manual_seed(self.seed),
+                     on_token=lambda row, token: rows[row].push(token))
+        return [row.finish() for row in rows]
 
-        One prompt at a time: prompts differ in length and `sample` takes a rectangular batch."""
-        from dsgpt.generate import sample
-        if not prompt:
-            prompt = [self.eos]
-        idx = torch.tensor([prompt], dtype=torch.long, device=self._device)
-        tokens = sample(self.model, idx, max_new, self.max_length, temperature=temperature, top_k=None,
-                        top_p=top_p, eos_id=self.eos)[0, len(prompt):].tolist()
-        return tokens[:tokens.index(self.eos)] if self.eos in tokens else tokens
+
+def _load(run_dir, checkpoint: str, device: str, dtype: str):
+    """(LoadedModel, (tokenizer, EOS id)) of a run's checkpoint, for model_args 'run=runs/NAME'."""
+    from dsgpt import runs
+    from dsgpt.eval import loaded
+    if run_dir is None:
+        raise UserError("The dsgpt lm-eval model needs a run dir: model_args 'run=runs/NAME'.")
+    if dtype not in DTYPES:
+        raise UserError(f"dtype={dtype!r} is not supported: use one of {', '.join(DTYPES)}.")
+    with keep_rng():  # building the model draws its (then overwritten) initial weights
+        lm, cfg = loaded.load(run_dir, checkpoint, device, dtype)
+    return lm, runs.run_tokenizer(run_dir, cfg, lm.tag, lm.config.vocab_size)
 
 
 # ---- running tasks ---------------------------------------------------------------------------------
@@ -240,16 +290,16 @@ def _go_offline() -> None:
         datasets.config.HF_DATASETS_OFFLINE = True
 
 
-class _KeepRNG:
+@contextlib.contextmanager
+def keep_rng():
     """Python, numpy and torch RNG states as they were before the block: evaluating inside a
     training run must not change the draws that follow."""
-
-    def __enter__(self):
-        self.states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-                       torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-    def __exit__(self, *exc):
-        py, npy, cpu, cuda = self.states
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        py, npy, cpu, cuda = states
         random.setstate(py)
         np.random.set_state(npy)
         torch.set_rng_state(cpu)
@@ -269,20 +319,21 @@ def flat_results(results: dict) -> dict:
 def run_tasks(run_dir, tasks: Sequence[str] | str, include_path=None, checkpoint: str = "latest",
               limit=None, num_fewshot: Optional[int] = None, batch_size: int = 8, device: str = "cpu",
               dtype: str = "fp32", offline: bool = True, fewshot_seed: Optional[int] = 1234,
-              bootstrap_iters: int = 100000, model: Optional[DsgptLM] = None) -> dict:
-    """Run lm-eval `tasks` on a run's checkpoint; {task: {metric: value}}.
+              bootstrap_iters: int = 100000, model: Optional[DsgptLM] = None, progress: bool = True) -> dict:
+    """Run lm-eval `tasks` on a run's checkpoint (or on `model`, a DsgptLM); {task: {metric: value}}
+    on every rank.
 
     No global seed is set and the RNG states are restored afterwards. Few-shot examples come from
-    lm-eval's own generator (`fewshot_seed`), which draws nothing from the global RNGs. Pass
-    `model` to reuse a loaded DsgptLM across calls."""
+    lm-eval's own generator (`fewshot_seed`), which draws nothing from the global RNGs."""
     import lm_eval
     if offline:
         _go_offline()
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     manager = task_manager(include_path)
     check_task_names(tasks, manager)
-    with _KeepRNG():  # building the model draws its (then overwritten) initial weights
+    with keep_rng():
         lm = model or DsgptLM(run_dir, checkpoint=checkpoint, batch_size=batch_size, device=device, dtype=dtype)
+        lm.progress = progress
         try:
             results = lm_eval.simple_evaluate(
                 model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
@@ -298,4 +349,6 @@ def run_tasks(run_dir, tasks: Sequence[str] | str, include_path=None, checkpoint
                 f"YAML in a folder passed with --include-path DIR, e.g. `task: my_task`, `dataset_path: json`, "
                 f"`dataset_kwargs: {{data_files: {{test: /path/FILE.jsonl}}}}`, `test_split: test`, plus "
                 f"doc_to_text/doc_to_choice/doc_to_target as the original task's YAML has them.") from None
-    return flat_results(results)
+    flat = flat_results(results) if results else {}
+    # lm-eval returns results in one process per launch (rank 0, LOCAL_RANK 0): every rank gets them.
+    return dist.broadcast_object(flat)

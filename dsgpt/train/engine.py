@@ -56,20 +56,6 @@ def build_optimizer(model, cfg: Config, ds_config: dict, on_gpu: bool):
     return torch.optim.AdamW(groups, fused=on_gpu, **kwargs)
 
 
-def build_model(mcfg, ds_config: dict):
-    """The GPT for this DeepSpeed config. Under ZeRO-3 it is built sharded (deepspeed.zero.Init):
-    each module's parameters are partitioned as soon as the module exists, so no rank ever holds
-    the whole model and one larger than a rank's memory can be built. Rank 0's initialization is
-    the one kept; on CPU a seed gives the same model as the other stages (on a GPU the draws come
-    from the GPU's generator, since zero.Init allocates there)."""
-    from dsgpt.model import GPT
-    if ds_config.get("zero_optimization", {}).get("stage") != 3:
-        return GPT(mcfg)
-    import deepspeed
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False):
-        return GPT(mcfg)
-
-
 def build_engine(model, cfg: Config, ds_config: dict, on_gpu: bool):
     """Returns (engine, ds_config as passed to DeepSpeed)."""
     import deepspeed

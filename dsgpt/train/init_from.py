@@ -27,6 +27,7 @@ from dsgpt import hf, runs
 from dsgpt.data.tokenizer import added_ids
 from dsgpt.errors import UserError
 from dsgpt.model import GPTConfig
+from dsgpt.zero import full_shape, write_weights
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 TOKEN_TABLE = "transformer.wte.weight"
@@ -76,7 +77,7 @@ def load_source(engine, source: InitSource) -> str:
     """Write the source's weights into `engine` (all ranks call this); returns a line for the log."""
     params = dict(engine.module.named_parameters())  # a tied tensor appears once, as the token table
     state = _matched(source.read_weights(), params, source.where)
-    rows = _full_shape(params[TOKEN_TABLE])[0]
+    rows = full_shape(params[TOKEN_TABLE])[0]
     state[TOKEN_TABLE] = grow_token_table(state[TOKEN_TABLE], rows, source.source_ids, source.new_ids)
     write_weights(engine, state)
     note = f"init_from: weights of {source.where}"
@@ -97,22 +98,6 @@ def grow_token_table(table: torch.Tensor, rows: int, source_ids: list[int], new_
     out[:keep] = table[:keep]
     out[new_ids] = mean  # including ids that land in the source's padding rows
     return out
-
-
-def write_weights(engine, state: dict) -> None:
-    """Copy `state` (name -> full tensor) into the engine's parameters on every ZeRO stage."""
-    import deepspeed
-    zero3 = engine.zero_optimization_partition_weights()
-    with torch.no_grad():
-        for name, param in engine.module.named_parameters():
-            # ZeRO-3 holds a shard per rank: gather the whole, rank 0's copy is broadcast and re-sharded.
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=zero3):
-                param.data.copy_(state[name])
-    # ZeRO 1-3 and bf16 step fp32 master copies of the weights: without this the first step would
-    # put the old (random) weights back.
-    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
-    if refresh is not None:
-        refresh()
 
 
 def _shape(cfg: GPTConfig) -> dict:
@@ -149,10 +134,6 @@ def _checkpoint_tokenizer(run_dir: Path, where: str):
     return tokenizer
 
 
-def _full_shape(param) -> torch.Size:
-    return getattr(param, "ds_shape", param.shape)  # a ZeRO-3 shard knows the whole shape
-
-
 def _matched(state: dict, params: dict, where: str) -> dict:
     """`state` restricted to the engine's parameters, after checking it has each with its shape.
 
@@ -161,8 +142,8 @@ def _matched(state: dict, params: dict, where: str) -> dict:
     missing = sorted(params.keys() - state.keys())
     extra = [k for k in state.keys() - params.keys()
              if k != TIED and not (k.endswith(".bias") and not state[k].any())]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(_full_shape(p))}" for k, p in params.items()
-             if k in state and k != TOKEN_TABLE and state[k].shape != _full_shape(p)]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(full_shape(p))}" for k, p in params.items()
+             if k in state and k != TOKEN_TABLE and state[k].shape != full_shape(p)]
     if missing or extra or wrong:
         raise UserError(
             f"train.init_from: the weights of {where} do not fit this model: "

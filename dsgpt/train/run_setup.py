@@ -54,5 +54,6 @@ def fingerprint(mcfg, data, seed: int) -> dict:
     return {
         "model": {k: getattr(mcfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")},
         "data_sha256": data.meta.get("data_sha256"),
+        "vocab_sha256": data.meta.get("vocab_sha256"),  # eval, generate and export check their tokenizer
         "seed": seed,
     }

@@ -20,6 +20,7 @@ from dsgpt.io import atomic_write_json
 from dsgpt.train import checkpoint, provenance, reshard, rng, signals
 from dsgpt.train.run_setup import check_precision, fingerprint, model_config, open_data
 from dsgpt.train.step import LOSS_SCALE_AT_MINIMUM, step_outcome
+from dsgpt.train.task_evals import TaskEvals
 
 
 @dataclass
@@ -61,6 +62,7 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
     hang = watchdog.start_for_run(ctx, cfg.run.dir, t.hang_timeout_s)
     try:
         run = Run(cfg, ctx, list(sys.argv if argv is None else argv))
+        task_evals = TaskEvals.from_config(cfg, run.data)
         reason = ""
         try:
             for step in range(run.state.step + 1, t.max_steps + 1):
@@ -73,6 +75,11 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
                 if _due(step, t.eval_interval) or step == t.max_steps:
                     with hang.phase("eval"):
                         improved = run.evaluate(step)
+                if task_evals and task_evals.due(step, t.max_steps):
+                    with hang.phase("eval"):
+                        scores = task_evals.run(run.engine, ctx)
+                        run.log.log(step, scores)
+                        run.console(f"step {step}: {task_evals.summary(scores)}")
                 if _due(step, t.sample_interval):
                     with hang.phase("sample"):
                         run.log_sample(step)
@@ -109,7 +116,8 @@ class Run:
         from dsgpt.ds_config import resolve_ds_config
         from dsgpt.metrics import MetricsLogger, peak_flops
         from dsgpt.model import flops_per_token
-        from dsgpt.train.engine import build_engine, build_model, describe_engine
+        from dsgpt.train.engine import build_engine, describe_engine
+        from dsgpt.zero import build_model
 
         self.cfg, self.ctx, self.t = cfg, ctx, cfg.train
         self.run_dir = cfg.run.dir

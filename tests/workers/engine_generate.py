@@ -21,7 +21,8 @@ from dsgpt.ds_config import resolve_ds_config  # noqa: E402
 from dsgpt.generate import sample  # noqa: E402
 from dsgpt.model import KVCache  # noqa: E402
 from dsgpt.runs import load_model  # noqa: E402
-from dsgpt.train.engine import build_engine, build_model, describe_engine  # noqa: E402
+from dsgpt.train.engine import build_engine, describe_engine  # noqa: E402
+from dsgpt.zero import build_model  # noqa: E402
 
 
 def count_cache_updates():

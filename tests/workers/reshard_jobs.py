@@ -48,7 +48,8 @@ def snapshot(engine, path, rank):
 def run_job(job, ctx, out):
     from dsgpt.ds_config import resolve_ds_config
     from dsgpt.train import reshard
-    from dsgpt.train.engine import build_engine, build_model, describe_engine
+    from dsgpt.train.engine import build_engine, describe_engine
+    from dsgpt.zero import build_model
     from dsgpt.train.run_setup import model_config, open_data
     from dsgpt.train.step import train_step
 

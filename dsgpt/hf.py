@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Linear layers that HF stores as Conv1D.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# --overwrite replaces only an HF model dir, recognised by its config.json.
+_EXPORT_DIR = dict(marker="config.json", kind="a Hugging Face model dir", flag="--hf DIR")
 
 
 def hf_config(cfg: GPTConfig, bos_token_id: int, eos_token_id: int,
@@ -141,9 +143,9 @@ def export(run_dir, out_dir, which: str = "latest", overwrite: bool = False) -> 
     holds a complete export or what it held before. A non-empty `out_dir` is replaced only with
     `overwrite`, and only when it is an HF model dir itself (has config.json)."""
     from dsgpt import runs
-    from dsgpt.io import move_into_place, temp_dir_beside
+    from dsgpt.io import check_output_dir, move_into_place, temp_dir_beside
     out_dir = Path(out_dir).expanduser()
-    _check_export_target(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, **_EXPORT_DIR)
     model, cfg, tag = runs.load_model(run_dir, which)
     tok, eos = runs.run_tokenizer(run_dir, cfg, tag, model.config.vocab_size)
     hf = to_hf_model(model, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
@@ -153,7 +155,7 @@ def export(run_dir, out_dir, which: str = "latest", overwrite: bool = False) -> 
         hf_tokenizer(tok, tok.id_to_token(eos), model.config.block_size).save_pretrained(tmp)
         for file in tmp.iterdir():
             file.chmod(0o644)  # safetensors writes owner-only files; a model dir is for everyone to read
-        _check_export_target(out_dir, overwrite)  # again: something may have appeared meanwhile
+        check_output_dir(out_dir, overwrite, **_EXPORT_DIR)  # again: something may have appeared meanwhile
         move_into_place(tmp, out_dir)
     except OSError as err:
         raise UserError(f"Could not write the export to '{out_dir}': {err}. Check that its parent folder "
@@ -172,21 +174,6 @@ def hf_tokenizer(tok: Tokenizer, eos_token: str, model_max_length: int) -> trans
         tokenizer_object=Tokenizer.from_str(tok.to_str()),  # a copy: transformers edits the one it gets
         bos_token=eos_token, eos_token=eos_token, pad_token=eos_token, model_max_length=model_max_length,
     )
-
-
-def _check_export_target(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"The export target '{out_dir}' exists and is not a directory. Choose another --hf DIR.")
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
-        return
-    if not overwrite:
-        raise UserError(f"The export target '{out_dir}' already exists and is not empty. Choose another --hf "
-                        f"DIR, or pass --overwrite to replace it.")
-    if not (out_dir / "config.json").is_file():
-        # --overwrite deletes the old directory; only ever do that to an HF model dir.
-        raise UserError(f"The export target '{out_dir}' is not empty and holds no config.json, so it is not a "
-                        f"Hugging Face model dir; refusing to replace it even with --overwrite. Choose another "
-                        f"--hf DIR.")
 
 
 # ---- reading a local HF GPT-2 dir (train.init_from) ------------------------------------------

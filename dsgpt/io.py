@@ -63,3 +63,20 @@ def move_into_place(tmp, target) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_dir(out_dir: Path, overwrite: bool, marker: str, kind: str, flag: str) -> None:
+    """A directory a command is about to fill must be absent or empty, or (with --overwrite) be a
+    `kind` recognised by its `marker` file: --overwrite deletes the old directory, so never
+    anything else. `flag` is the option that names the directory, for the message."""
+    from dsgpt.errors import UserError
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"The output '{out_dir}' exists and is not a directory. Choose another {flag}.")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"The output directory '{out_dir}' already exists and is not empty. Choose another "
+                        f"{flag}, or pass --overwrite to replace it.")
+    if not (out_dir / marker).is_file():
+        raise UserError(f"The output directory '{out_dir}' is not empty and holds no {marker}, so it is not "
+                        f"{kind}; refusing to replace it even with --overwrite. Choose another {flag}.")

@@ -30,7 +30,10 @@ import numpy as np
 from dsgpt.data.sources import check_inputs, iter_documents
 from dsgpt.data.tokenizer import configured_eos, eos_id, load_tokenizer, tokenizer_hash, train_bpe, vocab_hash
 from dsgpt.errors import UserError
-from dsgpt.io import move_into_place, temp_dir_beside
+from dsgpt.io import check_output_dir, move_into_place, temp_dir_beside
+
+# --overwrite replaces only a prepared dataset, recognised by its meta.json.
+_OUT_DIR = dict(marker="meta.json", kind="a dsgpt data directory", flag="--out")
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -99,7 +102,7 @@ def prepare_documents(
     over the same documents each time it is called (it is read once or twice)."""
     out_dir = Path(out_dir).expanduser()
     _check_args(vocab_size, tokenizer, val_fraction, seed, shard_tokens, sample_bytes)
-    _check_out_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, **_OUT_DIR)
     tmp = temp_dir_beside(out_dir)
     try:
         if tokenizer is not None:
@@ -174,24 +177,6 @@ def _check_args(vocab_size, tokenizer, val_fraction, seed, shard_tokens, sample_
         raise UserError(f"seed {seed!r} must be a non-negative integer.")
     if shard_tokens < 1 or sample_bytes < 1:
         raise UserError("shard_tokens and sample_bytes must be positive.")
-
-
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"Output {out_dir} exists and is not a directory. Choose another --out.")
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
-        return
-    if not overwrite:
-        raise UserError(
-            f"Output directory {out_dir} already exists and is not empty. Choose another --out, "
-            "or pass --overwrite to replace it."
-        )
-    if not (out_dir / "meta.json").is_file():
-        # --overwrite deletes the old directory; only ever do that to a prepared dataset.
-        raise UserError(
-            f"Output directory {out_dir} is not empty and holds no meta.json, so it is not a dsgpt "
-            "data directory; refusing to replace it even with --overwrite. Choose another --out."
-        )
 
 
 def _say(progress: bool, message: str) -> None:
@@ -337,7 +322,7 @@ def _write_file(path: Path, data: bytes) -> None:
 def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     """Rename the finished temp dir to `out_dir`; with overwrite, the old dir is moved aside
     first and deleted only once the new one is in place."""
-    _check_out_dir(out_dir, overwrite)  # again: something may have appeared meanwhile
+    check_output_dir(out_dir, overwrite, **_OUT_DIR)  # again: something may have appeared meanwhile
     try:
         move_into_place(tmp, out_dir)
     except OSError as err:

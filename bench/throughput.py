@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     from dsgpt import dist
     from dsgpt.metrics import peak_flops
     from dsgpt.model import flops_per_token
+    from dsgpt.data.loader import step_batch
     from dsgpt.train.step import train_step
 
     b = common.build(args.config, args.overrides)
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
         if ctx.on_gpu:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train_step(b.engine, mb, ctx.world_size, ctx.device)
+        train_step(b.engine, step_batch(mb), ctx.device)
         if ctx.on_gpu:
             torch.cuda.synchronize()
         if i >= args.warmup:

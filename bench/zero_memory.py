@@ -36,12 +36,13 @@ def measure(config: str, overrides: list[str], steps: int, out: Path) -> None:
 
     from dsgpt import dist
     from dsgpt.train.engine import describe_engine
+    from dsgpt.data.loader import step_batch
     from dsgpt.train.step import train_step
 
     b = common.build(config, overrides)
     gen = torch.Generator().manual_seed(b.ctx.rank)
     for _ in range(steps):
-        train_step(b.engine, common.random_micro_batches(b, gen), b.ctx.world_size, b.ctx.device)
+        train_step(b.engine, step_batch(common.random_micro_batches(b, gen)), b.ctx.device)
     facts = describe_engine(b.engine)
     held = sum(getattr(p, "ds_tensor", p).numel() * p.element_size() for p in b.engine.module.parameters())
     mine = {"params_bytes": held, "optimizer_state_bytes": facts["optimizer_state_bytes"],

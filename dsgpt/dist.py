@@ -247,6 +247,19 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def world_size() -> int:
+    import torch.distributed as td
+    return td.get_world_size() if td.is_initialized() else 1
+
+
+def all_reduce_tensor(t):
+    """Sum of `t` over all ranks (in place; `t` itself without a process group)."""
+    import torch.distributed as td
+    if td.is_initialized() and td.get_world_size() > 1:
+        td.all_reduce(t)
+    return t
+
+
 def all_reduce_max(values: list[float], device) -> list[float]:
     import torch
     import torch.distributed as td

@@ -63,6 +63,29 @@ def peak_flops(device_type: str, precision: str) -> Optional[float]:
     return measure_cpu_peak_flops(precision)
 
 
+class Throughput:
+    """Tokens per second and seconds per step averaged over a logging window, not one step's noise.
+
+    Each step's time runs from its start to the read-back of its loss, which waits for the device,
+    so on a GPU it is the device's time too; evaluation and checkpoints between steps are left out."""
+
+    def __init__(self):
+        self._tokens = 0
+        self._seconds = 0.0
+        self._steps = 0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self._tokens += tokens
+        self._seconds += seconds
+        self._steps += 1
+
+    def window(self) -> tuple[float, float]:
+        """(tokens/s, seconds per step) since the last call; starts a new window."""
+        out = (self._tokens / max(self._seconds, 1e-9), self._seconds / max(self._steps, 1))
+        self._tokens, self._seconds, self._steps = 0, 0.0, 0
+        return out
+
+
 def memory_stats(device_type: str) -> dict:
     if device_type == "cuda":
         import torch

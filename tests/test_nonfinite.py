@@ -78,6 +78,7 @@ def test_overflow_skips_neither_stop_nor_count_as_nonfinite(monkeypatch):
     """Run.train_step's bookkeeping for an fp16 overflow, with the engine's answers scripted."""
     from types import SimpleNamespace
 
+    from dsgpt.metrics import Throughput
     from dsgpt.train import step as step_module
     from dsgpt.train.trainer import Run, RunState
     logged = []
@@ -88,7 +89,7 @@ def test_overflow_skips_neither_stop_nor_count_as_nonfinite(monkeypatch):
     run.ctx = SimpleNamespace(rank=0, world_size=1, is_main=False)
     run.state, run.losses, run.progress, run.device = RunState(), {}, None, "cpu"
     run.tokens_per_step, run.last_saved = 8, 0
-    run.data = SimpleNamespace(train_micro_batches=lambda *a: [])
+    run.loader, run.meter = SimpleNamespace(get=lambda step: None), Throughput()
     run.engine = SimpleNamespace(get_lr=lambda: [1e-3], was_step_applied=lambda: False)
     run.log = SimpleNamespace(log=lambda step, scalars: logged.append((step, scalars)))
     monkeypatch.setattr(step_module, "train_step", lambda *a: step_module.StepResult(loss=3.0, tokens=8))
@@ -112,7 +113,7 @@ def test_loss_scale_at_its_floor_is_a_clear_message(monkeypatch):
     run.t = SimpleNamespace(micro_batch_size=1, grad_accum_steps=1)
     run.ctx = SimpleNamespace(rank=0, world_size=1)
     run.state, run.device, run.last_saved = RunState(), "cpu", 40
-    run.data = SimpleNamespace(train_micro_batches=lambda *a: [])
+    run.loader = SimpleNamespace(get=lambda step: None)
     run.engine = SimpleNamespace(get_lr=lambda: [1e-3], optimizer=SimpleNamespace(min_loss_scale=1))
     monkeypatch.setattr(step_module, "train_step", overflowing)
     with pytest.raises(UserError) as err:

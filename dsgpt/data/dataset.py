@@ -56,6 +56,8 @@ class TokenData:
     Attributes: path, meta, vocab_size, eos_id, block_size, seed, n_train_tokens, n_val_tokens.
     """
 
+    masks_labels = False  # every window predicts every token: a step's token count needs no collective
+
     def __init__(self, path, block_size: int, seed: int):
         self.path = Path(path).expanduser()
         self.block_size = int(block_size)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from dsgpt import dist
-from dsgpt.model import token_loss_sum
+from dsgpt.model import IGNORE_INDEX, token_loss_sum
 
 
 @dataclass
@@ -22,19 +24,27 @@ class StepResult:
     tokens: int  # target tokens in the whole step (all ranks)
 
 
-def train_step(engine, micro_batches, world_size: int, device) -> StepResult:
-    local_tokens = sum(int((y != -100).sum()) for _, y in micro_batches)
-    (total_tokens,) = dist.all_reduce_sum([local_tokens], device)
-    scale = world_size / max(total_tokens, 1.0)
-    loss_sum = 0.0
-    for x, y in micro_batches:
-        logits = engine(x.to(device, non_blocking=True))
-        s, _ = token_loss_sum(logits, y.to(device, non_blocking=True))
+def train_step(engine, batch, device) -> StepResult:
+    """One optimizer step over a StepBatch (dsgpt.data.loader).
+
+    One host synchronisation: the step's loss, summed on the device over the micro-steps and ranks,
+    is read once at the end (the non-finite check needs it every step). The token count costs a
+    collective only when labels are masked; its scale stays on the device either way."""
+    world = dist.world_size()
+    if batch.tokens is None:
+        local = sum((y != IGNORE_INDEX).sum().to(device) for _, y in batch.micro)
+        total = dist.all_reduce_tensor(local.to(torch.float64))
+    else:
+        total = torch.tensor(float(batch.tokens), dtype=torch.float64, device=device)
+    scale = (world / total.clamp(min=1.0)).float()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for x, y in batch.micro:  # already there when the loader put them on the device
+        s, _ = token_loss_sum(engine(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
         engine.backward(s * scale, scale_wrt_gas=False)
         engine.step()
-        loss_sum += float(s.detach())
-    (loss_total,) = dist.all_reduce_sum([loss_sum], device)
-    return StepResult(loss=loss_total / max(total_tokens, 1.0), tokens=int(total_tokens))
+        loss_sum += s.detach()
+    loss_total, tokens = torch.stack([dist.all_reduce_tensor(loss_sum), total]).tolist()  # the one read back
+    return StepResult(loss=loss_total / max(tokens, 1.0), tokens=int(tokens))
 
 
 # What DeepSpeed's dynamic loss scaler raises when it cannot lower the scale any further.

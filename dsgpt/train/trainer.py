@@ -15,8 +15,10 @@ from typing import Optional
 
 from dsgpt import dist, runs, watchdog
 from dsgpt.config import Config, save_config
+from dsgpt.data.loader import StepLoader
 from dsgpt.errors import UserError
 from dsgpt.io import atomic_write_json
+from dsgpt.metrics import Throughput
 from dsgpt.train import checkpoint, provenance, reshard, rng, signals
 from dsgpt.train.run_setup import check_precision, fingerprint, model_config, open_data
 from dsgpt.train.step import LOSS_SCALE_AT_MINIMUM, step_outcome
@@ -95,6 +97,8 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
         with hang.phase("finish"):
             summary = run.finish(reason or "max_steps")
     except BaseException as exc:
+        if "run" in locals():
+            run.loader.close()
         hang.handle_exception(exc)  # a peer's death reads as a gloo/NCCL error: name the peer
         raise
     hang.stop()
@@ -175,6 +179,9 @@ class Run:
         self.losses: dict[int, float] = {}
         self.grad_norms: dict[int, float] = {}
         self.last_saved = self.state.step
+        self.loader = StepLoader(self.data, ctx.rank, ctx.world_size, self.t.micro_batch_size,
+                                 self.t.grad_accum_steps, self.first_step, self.t.max_steps, ctx.device)
+        self.meter = Throughput()
         self.start_time = time.time()
         self.progress = _progress(ctx.is_main, self.first_step, self.t.max_steps)
         self.engine.train()
@@ -218,15 +225,13 @@ class Run:
         from dsgpt.train.step import train_step
         lr = self.engine.get_lr()[0]  # the lr this step uses; the step advances the schedule
         t0 = time.perf_counter()
-        micro = self.data.train_micro_batches(step - 1, self.ctx.rank, self.ctx.world_size,
-                                              self.t.micro_batch_size, self.t.grad_accum_steps)
         try:
-            res = train_step(self.engine, micro, self.ctx.world_size, self.device)
+            res = train_step(self.engine, self.loader.get(step), self.device)
         except Exception as err:
             if LOSS_SCALE_AT_MINIMUM in str(err):
                 raise UserError(_loss_scale_message(step, self.last_saved, self.engine)) from None
             raise
-        seconds = time.perf_counter() - t0
+        self.meter.add(self.tokens_per_step, time.perf_counter() - t0)
         self.state.step = step
         if self.progress:
             self.progress.update(1)
@@ -243,7 +248,7 @@ class Run:
         self.state.tokens_seen += self.tokens_per_step
         self.losses[step] = res.loss
         if _due(step, self.t.log_interval):
-            self._log_train(step, res.loss, lr, seconds)
+            self._log_train(step, res.loss, lr)
         return True
 
     def give_up_on_nonfinite(self, step: int) -> bool:
@@ -253,9 +258,9 @@ class Run:
             return True
         return False
 
-    def _log_train(self, step: int, loss: float, lr: float, seconds: float) -> None:
+    def _log_train(self, step: int, loss: float, lr: float) -> None:
         from dsgpt.metrics import memory_stats
-        tok_s = self.tokens_per_step / seconds
+        tok_s, seconds = self.meter.window()  # averages since the last log: no single step's noise
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             self.grad_norms[step] = float(grad_norm)
@@ -336,6 +341,7 @@ class Run:
 
     def finish(self, reason: str) -> RunSummary:
         from dsgpt.train.engine import describe_engine
+        self.loader.close()
         if self.progress:
             self.progress.close()
         s = self.state

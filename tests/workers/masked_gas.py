@@ -19,6 +19,7 @@ from dsgpt.config import load_config  # noqa: E402
 from dsgpt.ds_config import resolve_ds_config  # noqa: E402
 from dsgpt.model import GPT, GPTConfig  # noqa: E402
 from dsgpt.train.engine import build_engine  # noqa: E402
+from dsgpt.data.loader import step_batch  # noqa: E402
 from dsgpt.train.step import train_step  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def run(micro: int, gas: int) -> dict:
     for step in range(5):
         x, y = batches(step)
         micro_batches = [(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]) for i in range(gas)]
-        losses.append(train_step(engine, micro_batches, ctx.world_size, ctx.device).loss)
+        losses.append(train_step(engine, step_batch(micro_batches), ctx.device).loss)
     weights = torch.cat([p.detach().flatten() for p in engine.module.parameters()])
     return {"losses": losses, "weights_head": weights[:64].tolist(), "weights_sum": float(weights.double().sum())}
 

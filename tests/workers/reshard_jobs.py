@@ -51,6 +51,7 @@ def run_job(job, ctx, out):
     from dsgpt.train.engine import build_engine, describe_engine
     from dsgpt.zero import build_model
     from dsgpt.train.run_setup import model_config, open_data
+    from dsgpt.data.loader import step_batch
     from dsgpt.train.step import train_step
 
     cfg = load_config(None, job["overrides"])
@@ -90,7 +91,7 @@ def run_job(job, ctx, out):
     for step in range(start + 1, job["last"] + 1):
         micro_batches = data.train_micro_batches(step - 1, ctx.rank, ctx.world_size, micro,
                                                  cfg.train.grad_accum_steps)
-        losses[step] = train_step(engine, micro_batches, ctx.world_size, ctx.device).loss
+        losses[step] = train_step(engine, step_batch(micro_batches), ctx.device).loss
         if step == job.get("save_at"):
             engine.save_checkpoint(job["save_dir"], tag=f"step{step:07d}", save_latest=False)
             snapshot(engine, out / f"{job['name']}.saved.pt", ctx.rank)

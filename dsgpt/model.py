@@ -34,6 +34,9 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
     layer_norm_epsilon: float = 1e-5
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
+    # Training loss over this many tokens' logits at a time, recomputed in backward: the fp32
+    # logits of the whole batch (B x T x vocab) never exist at once. 0 = all at once.
+    loss_chunk_tokens: int = 0
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -174,8 +177,11 @@ class GPT(nn.Module):
         return n
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None,
-                valid: torch.Tensor | None = None, last_only: bool = False):
+                valid: torch.Tensor | None = None, last_only: bool = False, targets: torch.Tensor | None = None):
         """Token ids (B, T) -> logits (B, T, vocab_size) for the next token at every position.
+
+        With ``targets`` (B, T) (training): ``(summed loss, target count)`` as `token_loss_sum`
+        gives, computed in chunks of ``loss_chunk_tokens`` when that is set.
 
         With a ``cache`` (generation), ``idx`` holds only the new tokens: they attend to the cached
         ones and to each other causally, their keys and values are appended to the cache, and the
@@ -204,7 +210,12 @@ class GPT(nn.Module):
                 x = block(x, cache, i, mask)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            chunk = self.config.loss_chunk_tokens
+            return chunked_token_loss_sum(self.lm_head, x, targets, chunk) if chunk else token_loss_sum(
+                self.lm_head(x), targets)
+        logits = self.lm_head(x)
         if cache is None:
             return logits
         cache.length += T
@@ -281,6 +292,24 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     )
     n_tokens = (labels != IGNORE_INDEX).sum()
     return loss_sum, n_tokens
+
+
+def _head_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_token_loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                           chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_loss_sum(head(hidden), labels)` over `chunk` positions at a time, each chunk's
+    logits recomputed in backward: at most one chunk's logits (and their fp32 copy) exist at once.
+
+    The head is called as a module, once per chunk and again in backward, so ZeRO-3 gathers its
+    weight around each call."""
+    h, y = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.size(0), chunk):
+        total = total + checkpoint(_head_loss, head, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
+    return total, (y != IGNORE_INDEX).sum()
 
 
 def _num_params_non_embedding(cfg: GPTConfig) -> int:

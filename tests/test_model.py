@@ -286,6 +286,33 @@ def test_activation_checkpointing_same_loss_and_grads(monkeypatch):
     assert len(calls) == cfg.n_layer
 
 
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_chunked_loss_same_loss_and_grads(chunk):
+    """The training loss through `targets`, whole or in chunks (uneven; one larger than the batch),
+    equals token_loss_sum on the full logits, gradients too (fp32, 1e-5)."""
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    whole = GPT(cfg).train()
+    chunked = copy.deepcopy(whole)
+    chunked.config = dataclasses.replace(cfg, loss_chunk_tokens=chunk)
+    x = tokens(3)
+    y = torch.roll(x, -1, dims=1)
+    y[0, :5] = -100  # masked labels count as nothing, in any chunk
+    results = []
+    for model, call in ((whole, lambda m: token_loss_sum(m(x), y)), (whole, lambda m: m(x, targets=y)),
+                        (chunked, lambda m: m(x, targets=y))):
+        model.zero_grad(set_to_none=True)
+        loss_sum, n = call(model)
+        (loss_sum / n).backward()
+        results.append((loss_sum.item(), n.item(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (loss_a, n_a, grads_a) = results[0]
+    for loss_b, n_b, grads_b in results[1:]:
+        assert n_b == n_a == y.numel() - 5
+        assert loss_b == pytest.approx(loss_a, rel=1e-6)
+        for k in grads_a:
+            torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_dropout_eval_deterministic_train_random():
     torch.manual_seed(0)
     model = GPT(small_cfg(dropout=0.2))

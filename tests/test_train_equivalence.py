@@ -50,6 +50,9 @@ def two_rank(corpus, tmp_path_factory):
         "train.max_steps=3")})
     jobs.append({"name": "dp2_micro4", "config": None, "overrides": tiny_overrides(
         corpus, out, "dp2_micro4", "train.micro_batch_size=4")})
+    # The loss over 24 tokens' logits at a time (uneven chunks of a 128-token micro-batch).
+    jobs += [{"name": f"chunked_z{z}", "config": None, "overrides": tiny_overrides(
+        corpus, out, f"chunked_z{z}", f"deepspeed.zero_stage={z}", "model.loss_chunk_tokens=24")} for z in (0, 3)]
     return run_jobs(jobs, ranks=2, work=work)
 
 
@@ -146,3 +149,11 @@ def test_masked_uneven_labels_weigh_every_token_the_same(tmp_path):
     result = json.loads(out.read_text())
     assert rel_close(result["m2g2"]["losses"], result["m4g1"]["losses"], 1e-5), result
     assert rel_close(result["m2g2"]["weights_head"], result["m4g1"]["weights_head"], 1e-4)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_chunked_loss_trains_the_same(two_rank, stage):
+    """Under ZeRO-3 the output layer is gathered for every chunk and again in backward."""
+    chunked, whole = two_rank[f"chunked_z{stage}"][0], two_rank[f"fp32_z{stage}"][0]
+    assert chunked["engine"]["zero_stage"] == stage
+    assert same_training(chunked, whole, tol=1e-5), (losses(chunked), losses(whole))

@@ -34,7 +34,8 @@ def model_config(cfg: Config, vocab_size):
     from dsgpt.model import GPTConfig
     m = cfg.model
     overrides = {k: getattr(m, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(m, k) is not None}
-    overrides.update(dropout=m.dropout, bias=m.bias, activation_checkpointing=m.activation_checkpointing)
+    overrides.update(dropout=m.dropout, bias=m.bias, activation_checkpointing=m.activation_checkpointing,
+                     loss_chunk_tokens=m.loss_chunk_tokens)
     if vocab_size is not None:
         if m.vocab_size is not None:
             if m.vocab_size < vocab_size:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dsgpt import dist
-from dsgpt.model import IGNORE_INDEX, token_loss_sum
+from dsgpt.model import IGNORE_INDEX
 
 
 @dataclass
@@ -39,7 +39,7 @@ def train_step(engine, batch, device) -> StepResult:
     scale = (world / total.clamp(min=1.0)).float()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in batch.micro:  # already there when the loader put them on the device
-        s, _ = token_loss_sum(engine(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+        s, _ = engine(x.to(device, non_blocking=True), targets=y.to(device, non_blocking=True))
         engine.backward(s * scale, scale_wrt_gas=False)
         engine.step()
         loss_sum += s.detach()

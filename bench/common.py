@@ -35,11 +35,12 @@ def build(config: str, overrides: list[str]) -> Bench:
     from dsgpt.ds_config import resolve_ds_config
     from dsgpt.train.engine import build_engine
     from dsgpt.zero import build_model
-    from dsgpt.train.run_setup import check_precision, model_config
+    from dsgpt.train.run_setup import apply_tf32, check_precision, model_config
 
     cfg = load_config(config, overrides)
     check_precision(cfg)
     ctx = dist.setup()
+    apply_tf32(cfg, ctx)
     vocab = cfg.data.builtin_vocab_size if cfg.data.path == "builtin" else 50257
     mcfg = model_config(cfg, vocab_size=vocab)
     torch.manual_seed(cfg.run.seed + ctx.rank)

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     tokens = t.micro_batch_size * t.grad_accum_steps * ctx.world_size * mcfg.block_size
     step_time = statistics.median(times)
     tok_s = tokens / step_time
-    peak = peak_flops(ctx.device_type, b.cfg.precision)
+    peak = peak_flops(ctx.device_type, b.cfg.precision, b.cfg.tf32)
     mfu = flops_per_token(mcfg) * tok_s / (peak * ctx.world_size) if peak else float("nan")
     (mem,) = dist.all_reduce_max([common.peak_memory_gb(ctx.on_gpu)], ctx.device)
     if ctx.is_main:

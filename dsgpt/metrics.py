@@ -16,17 +16,22 @@ import time
 from pathlib import Path
 from typing import Optional
 
-# Dense peak FLOP/s per device (vendor figures, no sparsity). fp32 uses TF32 tensor cores where the
-# part has them, as torch does when allowed.
+# Dense peak FLOP/s per device and math mode (vendor figures, no sparsity): bf16/fp16 tensor cores,
+# TF32 tensor cores (fp32 matmuls with `tf32: true`) and plain fp32 (what fp32 matmuls run on when
+# TF32 is off, torch's default). The SXM and PCIe/NVL forms of a part differ: the name tells them
+# apart ("NVIDIA H100 80GB HBM3" is the SXM form, "NVIDIA H100 PCIe" and "NVIDIA H100 NVL" are not).
 GPU_PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
-    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
-    "A10G": {"bf16": 125e12, "fp16": 125e12, "fp32": 31e12},
-    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
-    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30e12},
-    "V100": {"bf16": 0.0, "fp16": 125e12, "fp32": 15.7e12},
-    "T4": {"bf16": 0.0, "fp16": 65e12, "fp32": 8.1e12},
+    "H200 NVL": {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12},
+    "H200": {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12},
+    "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12},
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "A10G": {"bf16": 125e12, "fp16": 125e12, "tf32": 0.0, "fp32": 31e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30e12},
+    "V100": {"bf16": 0.0, "fp16": 125e12, "tf32": 0.0, "fp32": 15.7e12},
+    "T4": {"bf16": 0.0, "fp16": 65e12, "tf32": 0.0, "fp32": 8.1e12},
 }
 
 
@@ -56,11 +61,16 @@ def measure_cpu_peak_flops(precision: str = "fp32", seconds: float = 0.3) -> flo
     return best
 
 
-def peak_flops(device_type: str, precision: str) -> Optional[float]:
+def math_mode(precision: str, tf32: bool) -> str:
+    """The peak-table column a run's matmuls use: fp32 runs on TF32 tensor cores when allowed."""
+    return "tf32" if precision == "fp32" and tf32 else precision
+
+
+def peak_flops(device_type: str, precision: str, tf32: bool = False) -> Optional[float]:
     if device_type == "cuda":
         import torch
-        return gpu_peak_flops(torch.cuda.get_device_name(), precision)
-    return measure_cpu_peak_flops(precision)
+        return gpu_peak_flops(torch.cuda.get_device_name(), math_mode(precision, tf32))
+    return measure_cpu_peak_flops(precision)  # CPUs have no TF32: tf32 changes nothing there
 
 
 class Throughput:

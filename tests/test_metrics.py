@@ -13,10 +13,17 @@ from dsgpt.metrics import GPU_PEAK_FLOPS, MetricsLogger, gpu_peak_flops, measure
 
 @pytest.mark.parametrize("name, precision, expected", [
     ("NVIDIA H100 80GB HBM3", "bf16", 989e12),
-    ("NVIDIA H100 80GB HBM3", "fp32", 494e12),
+    ("NVIDIA H100 80GB HBM3", "tf32", 495e12),
+    ("NVIDIA H100 80GB HBM3", "fp32", 67e12),   # TF32 off: plain fp32, not the TF32 figure
+    ("NVIDIA H100 PCIe", "bf16", 756e12),       # not the SXM form
+    ("NVIDIA H100 PCIe", "tf32", 378e12),
+    ("NVIDIA H100 PCIe", "fp32", 51e12),
+    ("NVIDIA H100 NVL", "bf16", 835e12),
     ("NVIDIA H200", "bf16", 989e12),
+    ("NVIDIA H200 NVL", "bf16", 835e12),
     ("NVIDIA A100-SXM4-80GB", "bf16", 312e12),
-    ("NVIDIA A100-SXM4-40GB", "fp32", 156e12),
+    ("NVIDIA A100-SXM4-40GB", "tf32", 156e12),
+    ("NVIDIA A100-SXM4-40GB", "fp32", 19.5e12),
     ("NVIDIA A10G", "fp16", 125e12),
     ("NVIDIA L40S", "bf16", 362e12),        # not L4
     ("NVIDIA L40S", "fp32", 91.6e12),
@@ -39,6 +46,13 @@ def test_gpu_peak_flops_unknown_device_is_none(name):
 def test_gpu_peak_flops_no_bf16_on_older_parts():
     assert gpu_peak_flops("Tesla V100-SXM2-16GB", "bf16") is None
     assert gpu_peak_flops("Tesla T4", "bf16") is None
+    assert gpu_peak_flops("Tesla V100-SXM2-16GB", "tf32") is None
+
+
+def test_math_mode_follows_the_tf32_switch():
+    from dsgpt.metrics import math_mode
+    assert math_mode("fp32", False) == "fp32" and math_mode("fp32", True) == "tf32"
+    assert math_mode("bf16", True) == "bf16"  # bf16 matmuls use the bf16 column either way
 
 
 def test_every_row_matches_its_own_name():

@@ -9,6 +9,14 @@ from dsgpt.errors import UserError
 from dsgpt.runs import data_dir
 
 
+def apply_tf32(cfg: Config, ctx) -> None:
+    """`tf32: true` lets fp32 matmuls and convolutions use TF32 tensor cores (off: torch's default)."""
+    if ctx.on_gpu:
+        import torch
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+
+
 def check_precision(cfg: Config) -> None:
     if cfg.precision == "fp16" and not dist.gpu_available():
         raise UserError(

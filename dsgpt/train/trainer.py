@@ -6,6 +6,7 @@ calls (engine, data, state, logging), each a method a test can reason about on i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -19,9 +20,10 @@ from dsgpt.data.loader import StepLoader
 from dsgpt.errors import UserError
 from dsgpt.io import atomic_write_json
 from dsgpt.metrics import Throughput
-from dsgpt.train import checkpoint, provenance, reshard, rng, signals
+from dsgpt.train import checkpoint, provenance, reshard, rng, run_setup, signals
 from dsgpt.train.run_setup import check_precision, fingerprint, model_config, open_data
 from dsgpt.train.step import LOSS_SCALE_AT_MINIMUM, step_outcome
+from dsgpt.train.profiling import StepProfiler
 from dsgpt.train.task_evals import TaskEvals
 
 
@@ -58,47 +60,53 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
     # torch's own collective timeout must come after the watchdog's, whose message names the rank.
     ctx = dist.setup(timeout_minutes=max(10.0, 2 * t.hang_timeout_s / 60))
     signals.install()
+    run_setup.apply_tf32(cfg, ctx)
     # Every rank says who it is: in a multi-node log this line is the proof of the layout.
     print(f"[dsgpt] rank {ctx.rank}/{ctx.world_size} local_rank {ctx.local_rank} node {ctx.node_rank} "
           f"host {ctx.hostname} pid {os.getpid()} launcher {ctx.launcher} backend {ctx.backend}", flush=True)
     hang = watchdog.start_for_run(ctx, cfg.run.dir, t.hang_timeout_s)
     try:
-        run = Run(cfg, ctx, list(sys.argv if argv is None else argv))
-        task_evals = TaskEvals.from_config(cfg, run.data)
-        reason = ""
-        try:
-            for step in range(run.state.step + 1, t.max_steps + 1):
-                applied = run.train_step(step)
-                hang.progress(step)
-                if not applied and run.give_up_on_nonfinite(step):
-                    reason = "nonfinite"
-                    break
-                improved = False
-                if _due(step, t.eval_interval) or step == t.max_steps:
-                    with hang.phase("eval"):
-                        improved = run.evaluate(step)
-                if task_evals and task_evals.due(step, t.max_steps):
-                    with hang.phase("eval"):
-                        scores = task_evals.run(run.engine, ctx)
-                        run.log.log(step, scores)
-                        run.console(f"step {step}: {task_evals.summary(scores)}")
-                if _due(step, t.sample_interval):
-                    with hang.phase("sample"):
-                        run.log_sample(step)
-                reason = run.stop_reason()  # agreed by all ranks
-                if _due(step, t.save_interval) or reason or step == t.max_steps or (improved and t.save_best):
-                    with hang.phase("checkpoint"):
-                        run.save(step)
-                if reason:
-                    break
-        except NonFiniteWeights as err:
-            reason = "nonfinite"
-            run.console(str(err))
-        with hang.phase("finish"):
-            summary = run.finish(reason or "max_steps")
+        with contextlib.ExitStack() as cleanup:  # the loader's thread and the profiler end however the run does
+            run = Run(cfg, ctx, list(sys.argv if argv is None else argv))
+            cleanup.callback(run.loader.close)
+            task_evals = TaskEvals.from_config(cfg, run.data)
+            profiler = StepProfiler.from_config(cfg, ctx)
+            if profiler:
+                cleanup.callback(profiler.close)
+            reason = ""
+            try:
+                for step in range(run.state.step + 1, t.max_steps + 1):
+                    applied = run.train_step(step)
+                    if profiler:
+                        profiler.step()
+                    hang.progress(step)
+                    if not applied and run.give_up_on_nonfinite(step):
+                        reason = "nonfinite"
+                        break
+                    improved = False
+                    if _due(step, t.eval_interval) or step == t.max_steps:
+                        with hang.phase("eval"):
+                            improved = run.evaluate(step)
+                    if task_evals and task_evals.due(step, t.max_steps):
+                        with hang.phase("eval"):
+                            scores = task_evals.run(run.engine, ctx)
+                            run.log.log(step, scores)
+                            run.console(f"step {step}: {task_evals.summary(scores)}")
+                    if _due(step, t.sample_interval):
+                        with hang.phase("sample"):
+                            run.log_sample(step)
+                    reason = run.stop_reason()  # agreed by all ranks
+                    if _due(step, t.save_interval) or reason or step == t.max_steps or (improved and t.save_best):
+                        with hang.phase("checkpoint"):
+                            run.save(step)
+                    if reason:
+                        break
+            except NonFiniteWeights as err:
+                reason = "nonfinite"
+                run.console(str(err))
+            with hang.phase("finish"):
+                summary = run.finish(reason or "max_steps")
     except BaseException as exc:
-        if "run" in locals():
-            run.loader.close()
         hang.handle_exception(exc)  # a peer's death reads as a gloo/NCCL error: name the peer
         raise
     hang.stop()
@@ -173,7 +181,7 @@ class Run:
         # Rows past the resumed step were logged by a launch that died before saving: drop them.
         self.log = MetricsLogger(self.run_dir, enabled=ctx.is_main, resume_step=self.state.step)
         self.flops_per_token = flops_per_token(self.mcfg)
-        self.peak_flops = peak_flops(ctx.device_type, cfg.precision)
+        self.peak_flops = peak_flops(ctx.device_type, cfg.precision, cfg.tf32)
         self.tokens_per_step = (self.t.micro_batch_size * self.t.grad_accum_steps * ctx.world_size
                                 * self.mcfg.block_size)
         self.losses: dict[int, float] = {}
@@ -341,7 +349,6 @@ class Run:
 
     def finish(self, reason: str) -> RunSummary:
         from dsgpt.train.engine import describe_engine
-        self.loader.close()
         if self.progress:
             self.progress.close()
         s = self.state

@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_generate(sub)
     _add_eval(sub)
+    _add_plan(sub)
     return parser
 
 
@@ -249,6 +250,59 @@ def _run_eval(args) -> int:
     result = run_eval(args.run, opts)
     if dist.rank() == 0:
         print(format_table(args.run, result))
+    return 0
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="estimate per-GPU memory under each ZeRO stage and pick the setup that fits",
+        description="Estimate the memory each rank needs (weights, gradients, fp32 master, Adam moments, "
+                    "buffers, activations) under ZeRO 0-3 and offload, with and without activation "
+                    "checkpointing, and recommend the ZeRO stage, offload, micro batch and gradient "
+                    "accumulation that fit the GPUs and reach the global batch. --preset NAME starts from "
+                    "configs/NAME.yaml when it exists.",
+    )
+    model = p.add_argument_group("model (a run config and/or a preset; the flags change its shape)")
+    model.add_argument("--config", metavar="YAML", help="run config to start from (configs/*.yaml)")
+    model.add_argument("--preset", help="model preset: tiny, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b")
+    for flag in ("--n-layer", "--n-head", "--n-embd", "--block-size"):
+        model.add_argument(flag, type=int, metavar="N")
+    model.add_argument("--vocab-size", type=int, metavar="N",
+                       help="the tokenizer's vocabulary (padded to a multiple of 64, as the trainer does)")
+    model.add_argument("--loss-chunk-tokens", type=int, metavar="N",
+                       help="model.loss_chunk_tokens: the loss over N tokens' logits at a time (0 = all at once)")
+    model.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="default: the config's, else bf16")
+    hw = p.add_argument_group("machines")
+    hw.add_argument("--gpus-per-node", type=int, default=1, metavar="G", help="default 1")
+    hw.add_argument("--nodes", type=int, default=1, metavar="N", help="default 1")
+    hw.add_argument("--gpu-mem", type=float, required=True, metavar="GIB", help="memory of one GPU, GiB (e.g. 80)")
+    hw.add_argument("--cpu-mem", type=float, metavar="GIB", help="host memory per node, GiB (checked for offload)")
+    hw.add_argument("--headroom", type=float, default=0.10, metavar="F",
+                    help="fraction of GPU memory kept free for fragmentation (default 0.1)")
+    hw.add_argument("--reserve", type=float, default=1.0, metavar="GIB",
+                    help="GiB per GPU for the CUDA context and NCCL (default 1)")
+    batch = p.add_mutually_exclusive_group(required=True)
+    batch.add_argument("--batch-tokens", type=int, metavar="N", help="global batch: tokens per optimizer step")
+    batch.add_argument("--batch-seqs", type=int, metavar="N", help="global batch: sequences per optimizer step")
+    p.add_argument("--write", metavar="FILE.yaml", help="write the recommended setup as a run config")
+    p.add_argument("--force", action="store_true", help="with --write: replace an existing file")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args) -> int:
+    from dsgpt.plan import format_plan, make_request, plan, write_run_config
+    req = make_request(config=args.config, preset=args.preset, n_layer=args.n_layer, n_head=args.n_head,
+                       n_embd=args.n_embd, block_size=args.block_size, vocab_size=args.vocab_size,
+                       loss_chunk_tokens=args.loss_chunk_tokens, precision=args.precision,
+                       gpus_per_node=args.gpus_per_node, nodes=args.nodes,
+                       gpu_mem_gib=args.gpu_mem, batch_tokens=args.batch_tokens, batch_seqs=args.batch_seqs,
+                       cpu_mem_gib=args.cpu_mem, headroom=args.headroom, reserve_gib=args.reserve)
+    result = plan(req)
+    print(format_plan(result))
+    if args.write:
+        path = write_run_config(result, args.write, force=args.force)
+        print(f"wrote {path}")
     return 0
 
 

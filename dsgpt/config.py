@@ -50,6 +50,8 @@ class ModelSection(Section):
     # Training loss over this many tokens' logits at a time (recomputed in backward), so the fp32
     # logits of a whole micro-batch never exist at once; 0 = all at once.
     loss_chunk_tokens: int = Field(0, ge=0)
+    # torch.compile the model inside the DeepSpeed engine (engine.compile: inductor on GPU and CPU).
+    compile: bool = False
     # None means: the tokenizer's vocab size, padded up to a multiple of 64 for fast matmuls.
     vocab_size: Optional[int] = None
 

@@ -66,6 +66,10 @@ def build_engine(model, cfg: Config, ds_config: dict, on_gpu: bool):
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps),
     )
+    if cfg.model.compile:
+        # DeepSpeed's compile compiles the module in place (parameter names, so checkpoints, stay
+        # as they are); under ZeRO-3 its gather/release hooks split the graph at every layer.
+        engine.compile()
     return engine, ds_config
 
 
@@ -91,4 +95,5 @@ def describe_engine(engine) -> dict:
         "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
         "train_batch_size": engine.train_batch_size(),
         "world_size": engine.world_size,
+        "compiled": bool(getattr(engine, "is_compiled", False)),
     }

@@ -1,0 +1,32 @@
+"""`model.compile: true` (DeepSpeed's engine.compile: torch.compile of the model in place, inductor)
+trains as the eager model does, under ZeRO 1 and under ZeRO-3, whose parameter hooks split the
+graph at each layer. 2 CPU ranks over gloo."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import losses, run_jobs, tiny_overrides
+
+
+def rel_close(a: list[float], b: list[float], tol: float) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= tol * max(abs(x), abs(y)) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory):
+    work = tmp_path_factory.mktemp("compile")
+    jobs = [{"name": f"{kind}_z{z}", "overrides": tiny_overrides(
+        corpus, work / "runs", f"{kind}_z{z}", "train.max_steps=6", "train.eval_interval=6", f"deepspeed.zero_stage={z}",
+        *(["model.compile=true"] if kind == "compiled" else []))} for z in (1, 3) for kind in ("eager", "compiled")]
+    return run_jobs(jobs, ranks=2, work=work / "jobs")
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_compiled_model_trains_like_the_eager_one(runs, stage):
+    compiled, eager = runs[f"compiled_z{stage}"][0], runs[f"eager_z{stage}"][0]
+    assert "error" not in compiled, compiled
+    assert compiled["engine"]["zero_stage"] == stage
+    assert compiled["engine"]["compiled"] and not eager["engine"]["compiled"]
+    assert rel_close(losses(compiled), losses(eager), 1e-4), (losses(compiled), losses(eager))
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)

@@ -36,3 +36,14 @@ def test_the_shipped_results_file_has_one_table_per_section():
     for line in text.splitlines():
         if line.startswith("## "):
             assert table_rows(text, line[3:]), line
+
+
+def test_peers_bench_runs_every_side_on_a_tiny_shape(capsys):
+    """A smoke run: the real trainer, the HF Trainer + DeepSpeed on 2 ranks and the plain loop each
+    time their steps and the ratios come out (speed itself is for the benchmark, not a test)."""
+    from bench import peers
+    assert peers.main(["--pairs", "1", "--steps", "2", "--warmup", "1", "--no-record", "model.n_layer=1",
+                       "model.n_embd=32", "model.n_head=2", "model.block_size=32"]) == 0
+    out = capsys.readouterr().out
+    assert "dsgpt vs HF Trainer + DeepSpeed" in out and "dsgpt (ZeRO 0) vs a plain PyTorch loop" in out
+    assert out.count("ratio ") == 4

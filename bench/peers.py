@@ -1,0 +1,267 @@
+"""dsgpt beside its peers, same machine, same shape, batch, precision and threads per rank.
+
+    python bench/peers.py [--pairs 3] [--steps 20] [--warmup 5] [--ranks 2] [key=value ...]
+
+Two comparisons, each run as interleaved pairs (A B A B ...) so that drift of the machine hits both
+sides alike; each run reports the median of its timed steps, and the figure is the median of the
+pairs' ratios (tokens/s of dsgpt over the peer's):
+
+  - dsgpt (launch/train.py, the real trainer: data loader, step, logging) vs the Hugging Face
+    Trainer with its DeepSpeed integration on transformers.GPT2LMHeadModel, both on `--ranks`
+    ranks under the same ZeRO stage (default 2).
+  - dsgpt in one process (ZeRO 0) vs a plain PyTorch loop of the same model (dsgpt.model.GPT,
+    torch AdamW, gradient clipping), one process.
+
+Neither side evaluates or saves inside the timed steps; both log every `--log-every` steps. Each
+peer is set up as its documentation advises; its settings are printed beside the figures and go to
+bench/RESULTS.md. The shape defaults to 4 layers x 256 wide, block 256, micro batch 8 per rank,
+fp32; extra `key=value` overrides go to dsgpt's config (model.*, train.micro_batch_size, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SECTION = "dsgpt beside its peers (bench/peers.py)"
+COLUMNS = ["date", "machine", "comparison", "shape", "dsgpt tokens/s", "peer tokens/s", "ratio (median, range)",
+           "pairs x steps", "peer settings", "versions"]
+SHAPE = dict(n_layer=4, n_embd=256, n_head=4, block_size=256, micro=8, vocab=2048, lr=6e-4)
+
+
+# ---- the workers: each times its own steps and prints one RESULT line ----------------------------
+
+def _threads_per_rank(local_world: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, local_world))
+
+
+def _random_tokens(steps: int, batch: int, block: int, vocab: int, seed: int):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (steps * batch, block + 1), generator=g)
+
+
+def worker_hf(shape: dict, steps: int, warmup: int, zero: int, log_every: int) -> None:
+    """transformers' Trainer + DeepSpeed, as its docs set it up: a DeepSpeed config dict in
+    TrainingArguments(deepspeed=...), the Trainer's own AdamW, no evaluation, no saving."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    torch.set_num_threads(_threads_per_rank(local_world))
+    rank = int(os.environ.get("RANK", "0"))
+    config = GPT2Config(vocab_size=shape["vocab"], n_positions=shape["block_size"], n_embd=shape["n_embd"],
+                        n_layer=shape["n_layer"], n_head=shape["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    tokens = _random_tokens(steps + warmup, shape["micro"], shape["block_size"] - 1, shape["vocab"], rank)
+
+    class Windows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(tokens)
+
+        def __getitem__(self, i):
+            return {"input_ids": tokens[i], "labels": tokens[i]}  # the model shifts the labels itself
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    ds_config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                 "gradient_clipping": "auto", "zero_optimization": {"stage": zero},
+                 "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=shape["micro"], gradient_accumulation_steps=1,
+            max_steps=steps + warmup, learning_rate=shape["lr"], weight_decay=0.1, adam_beta1=0.9,
+            adam_beta2=0.95, max_grad_norm=1.0, lr_scheduler_type="cosine", warmup_steps=0,
+            logging_steps=log_every, save_strategy="no", eval_strategy="no", report_to=[],
+            dataloader_num_workers=0, disable_tqdm=True, deepspeed=ds_config, seed=0)
+        Trainer(model=model, args=args, train_dataset=Windows(), callbacks=[Clock()]).train()
+    if rank == 0:
+        _report(times[warmup:], shape, world=int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def worker_plain(shape: dict, steps: int, warmup: int, log_every: int) -> None:
+    """One process, dsgpt's GPT in a plain loop: AdamW (decay on matrices), clip, step."""
+    import torch
+
+    from dsgpt.model import GPT, GPTConfig, param_groups
+    torch.set_num_threads(_threads_per_rank(1))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=shape["vocab"], block_size=shape["block_size"], n_layer=shape["n_layer"],
+                          n_head=shape["n_head"], n_embd=shape["n_embd"])).train()
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=shape["lr"], betas=(0.9, 0.95))
+    tokens = _random_tokens(steps + warmup, shape["micro"], shape["block_size"], shape["vocab"], 0)
+    times = []
+    for i in range(steps + warmup):
+        batch = tokens[i * shape["micro"]:(i + 1) * shape["micro"]]
+        t0 = time.perf_counter()
+        loss_sum, n = model(batch[:, :-1], targets=batch[:, 1:])
+        (loss_sum / n).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (i + 1) % log_every == 0:
+            float(loss_sum)  # what a logged step reads back
+        times.append(time.perf_counter() - t0)
+    _report(times[warmup:], shape, world=1)
+
+
+def _report(times: list[float], shape: dict, world: int) -> None:
+    step = statistics.median(times)
+    print("RESULT " + json.dumps({"step_s": step, "tokens_s": shape["micro"] * shape["block_size"] * world / step}),
+          flush=True)
+
+
+# ---- the orchestrator --------------------------------------------------------------------------
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if not _cuda():
+        env["DS_ACCELERATOR"] = "cpu"
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _launcher(ranks: int) -> list[str]:
+    from dsgpt.dist import free_port
+    if ranks == 1:
+        return [sys.executable]
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port())]
+
+
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_worker(kind: str, ranks: int, args) -> float:
+    cmd = [*_launcher(ranks), str(Path(__file__).resolve()), "--worker", kind, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--zero", str(args.zero), "--log-every", str(args.log_every),
+           "--shape", json.dumps(args.shape_dict)]
+    out = _run(cmd, args.timeout).stdout
+    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])["tokens_s"]
+
+
+def run_dsgpt(ranks: int, zero: int, args) -> float:
+    """The real trainer on the built-in corpus; the median of the logged per-step times."""
+    s = args.shape_dict
+    with tempfile.TemporaryDirectory() as out:
+        overrides = [
+            f"run.out_dir={out}", "run.name=peer", f"model.n_layer={s['n_layer']}", f"model.n_embd={s['n_embd']}",
+            f"model.n_head={s['n_head']}", f"model.block_size={s['block_size']}",
+            f"model.vocab_size={s['vocab']}", f"data.builtin_vocab_size={s['vocab']}",
+            f"train.micro_batch_size={s['micro']}", "train.grad_accum_steps=1",
+            f"train.max_steps={args.steps + args.warmup}", "train.eval_interval=1000000",
+            "train.save_interval=1000000", "train.eval_batches=1", "train.log_interval=1", "train.save_best=false",
+            f"optim.lr={s['lr']}", "optim.warmup_steps=0", "precision=fp32", f"deepspeed.zero_stage={zero}",
+            *args.overrides]
+        _run([*_launcher(ranks), str(REPO / "launch" / "train.py"), "--config", "configs/tiny.yaml", *overrides],
+             args.timeout)
+        rows = [json.loads(x) for x in (Path(out) / "peer" / "metrics.jsonl").read_text().splitlines()]
+    # log_interval=1: each row's step time is that step's own; the end-of-run eval and save are
+    # outside it. (Logging every step is dsgpt's default and costs it the TensorBoard writes.)
+    times = [r["train/step_time"] for r in rows if "train/step_time" in r and r["step"] > args.warmup]
+    return s["micro"] * s["block_size"] * ranks / statistics.median(times)
+
+
+def compare(name: str, ours, theirs, pairs: int) -> dict:
+    ratios, mine, peer = [], [], []
+    for _ in range(pairs):
+        a, b = ours(), theirs()
+        mine.append(a)
+        peer.append(b)
+        ratios.append(a / b)
+        print(f"  {name}: dsgpt {a:,.0f} tokens/s, peer {b:,.0f} tokens/s, ratio {a / b:.3f}", flush=True)
+    return {"name": name, "dsgpt": statistics.median(mine), "peer": statistics.median(peer),
+            "ratio": statistics.median(ratios), "lo": min(ratios), "hi": max(ratios)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--zero", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=1, help="the peers' logging cadence (dsgpt logs every step)")
+    p.add_argument("--peers", default="hf,plain", help="hf, plain, or both")
+    p.add_argument("--shape", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--no-record", action="store_true")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="key=value for dsgpt's config (the peers follow model.*)")
+    args = p.parse_args(argv)
+    args.shape_dict = dict(SHAPE, **(json.loads(args.shape) if args.shape else {}))
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        short = {"model.n_layer": "n_layer", "model.n_embd": "n_embd", "model.n_head": "n_head",
+                 "model.block_size": "block_size", "train.micro_batch_size": "micro"}.get(key)
+        if short:
+            args.shape_dict[short] = int(value)
+    if args.worker == "hf":
+        worker_hf(args.shape_dict, args.steps, args.warmup, args.zero, args.log_every)
+        return 0
+    if args.worker == "plain":
+        worker_plain(args.shape_dict, args.steps, args.warmup, args.log_every)
+        return 0
+
+    s = args.shape_dict
+    shape = f"{s['n_layer']}x{s['n_embd']}, block {s['block_size']}, micro {s['micro']}/rank, fp32"
+    print(f"shape: {shape}; {args.pairs} pairs x {args.steps} timed steps (+{args.warmup} warmup); "
+          f"{os.cpu_count()} cores, {_threads_per_rank(args.ranks)} threads per rank at {args.ranks} ranks")
+    results = []
+    peers = {x.strip() for x in args.peers.split(",")}
+    if "hf" in peers:
+        results.append((compare(f"{args.ranks} ranks ZeRO-{args.zero}: dsgpt vs HF Trainer + DeepSpeed",
+                                lambda: run_dsgpt(args.ranks, args.zero, args),
+                                lambda: run_worker("hf", args.ranks, args), args.pairs),
+                        f"transformers.Trainer, GPT2LMHeadModel (sdpa attention), DeepSpeed ZeRO-{args.zero} config "
+                        f"dict, the Trainer's AdamW, logging_steps={args.log_every}, no eval/save, "
+                        f"dataloader_num_workers=0, {_threads_per_rank(args.ranks)} threads/rank"))
+    if "plain" in peers:
+        results.append((compare("1 process: dsgpt (ZeRO 0) vs a plain PyTorch loop",
+                                lambda: run_dsgpt(1, 0, args), lambda: run_worker("plain", 1, args), args.pairs),
+                        f"dsgpt.model.GPT, torch.optim.AdamW (decay on matrices), clip_grad_norm_ 1.0, loss read "
+                        f"every {args.log_every} step(s), {_threads_per_rank(1)} threads"))
+    for res, settings in results:
+        print(f"{res['name']}: dsgpt {res['dsgpt']:,.0f} tokens/s, peer {res['peer']:,.0f} tokens/s, "
+              f"ratio {res['ratio']:.3f} (pairs {res['lo']:.3f}-{res['hi']:.3f}); peer: {settings}")
+        if not args.no_record:
+            from bench import common
+            date, machine, versions = common.context_cells()
+            common.append_row(SECTION, COLUMNS, [
+                date, machine, res["name"], shape, f"{res['dsgpt']:,.0f}", f"{res['peer']:,.0f}",
+                f"{res['ratio']:.3f} ({res['lo']:.3f}-{res['hi']:.3f})", f"{args.pairs} x {args.steps}",
+                settings, versions])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

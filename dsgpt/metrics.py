@@ -159,10 +159,12 @@ class MetricsLogger:
         if self.enabled and self.writer:
             self.writer.add_text(tag, text, step)
 
-    def hparams(self, hparams: dict, final: dict) -> None:
+    def hparams(self, hparams: dict, final: dict, step: int) -> None:
+        """The run's hyperparameters and final metrics for TensorBoard's HParams dashboard, at the
+        run's last step: at step 0 the metrics would show as one-point charts above the curves."""
         if self.enabled and self.writer:
             flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-            self.writer.add_hparams(flat, final, run_name=".")
+            self.writer.add_hparams(flat, final, run_name=".", global_step=step)
 
     def flush(self) -> None:
         if self.writer:

@@ -125,8 +125,20 @@ def test_disabled_logger_writes_nothing(tmp_path):
     log = MetricsLogger(run, enabled=False)
     log.log(0, {"train/loss": 1.0})
     log.text(0, "samples", "hello")
-    log.hparams({"lr": 1e-3}, {"val/loss": 1.0})
+    log.hparams({"lr": 1e-3}, {"val/loss": 1.0}, step=5)
     log.flush()
     log.close()
     assert not run.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hparams_land_at_the_last_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    log = MetricsLogger(tmp_path / "run", enabled=True)
+    log.log(7, {"train/loss": 2.0})
+    log.hparams({"optim/lr": 1e-3, "precision": "fp32"}, {"hparam/val_loss": 1.5}, step=7)
+    log.close()
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    events = acc.Scalars("hparam/val_loss")
+    assert [(e.step, e.value) for e in events] == [(7, 1.5)]  # not a one-point chart at step 0

@@ -355,7 +355,7 @@ class Run:
         nan = float("nan")
         self.log.hparams(_hparams(self.cfg, self.mcfg),
                          {"hparam/val_loss": nan if s.val_loss is None else s.val_loss,
-                          "hparam/best_val_loss": nan if s.best_val_loss is None else s.best_val_loss})
+                          "hparam/best_val_loss": nan if s.best_val_loss is None else s.best_val_loss}, s.step)
         self.console(f"stopped at step {s.step} ({reason}); last checkpoint: step {self.last_saved}; "
                      f"TensorBoard: tensorboard --logdir {self.cfg.run.out_dir}")
         self.log.close()

@@ -33,7 +33,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(VENV)/.torch
 	@touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install --quiet -e ".[dev,eval]"
+	$(PIP) install --quiet -e ".[dev,eval,sweep]"
 	@touch $@
 
 setup: $(VENV)/.installed

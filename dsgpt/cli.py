@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_eval(sub)
     _add_plan(sub)
+    _add_lr_find(sub)
     return parser
 
 
@@ -103,12 +104,26 @@ def _add_prepare(sub) -> None:
                    help="tokens per shard file (default 100M)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    chat = p.add_argument_group("chat (SFT) data", "conversation JSONL: {\"messages\": [{\"role\", \"content\"}, ...]} "
+                                "or {\"prompt\", \"response\"}; labels only on the assistant's replies")
+    chat.add_argument("--chat", action="store_true", help="prepare conversations for fine-tuning")
+    chat.add_argument("--block-size", type=int, metavar="N",
+                      help="with --chat (required): the model's block_size; longer conversations are cut to fit")
+    chat.add_argument("--chat-template", metavar="FILE",
+                      help="a Jinja chat template marking assistant content with {%% generation %%} "
+                           "(default: <|system|>/<|user|>/<|assistant|> markers, <|end|> ends each turn)")
+    chat.add_argument("--no-pack", action="store_true",
+                      help="one example per training row (padded) instead of packing short examples together")
     p.set_defaults(func=_run_prepare)
 
 
 def _run_prepare(args) -> int:
-    from dsgpt.data.prepare import prepare
+    from dsgpt.data.prepare import prepare, prepare_chat
 
+    if args.chat:
+        return _run_prepare_chat(args, prepare_chat)
+    if args.block_size is not None or args.chat_template or args.no_pack:
+        raise UserError("--block-size, --chat-template and --no-pack only apply with --chat.")
     meta = prepare(
         args.input, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
         val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
@@ -129,6 +144,26 @@ def _add_run_args(p) -> None:
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="run dir written by launch/train.py (runs/NAME)")
     p.add_argument("--checkpoint", default="latest", metavar="WHICH",
                    help="latest (default), best, or a checkpoint tag such as step0000200")
+
+
+def _run_prepare_chat(args, prepare_chat) -> int:
+    if args.block_size is None:
+        raise UserError("--chat needs --block-size N: the block_size of the model to fine-tune, which every "
+                        "example must fit.")
+    meta = prepare_chat(
+        args.input, args.out, block_size=args.block_size, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+        chat_template=args.chat_template, pack=not args.no_pack, val_fraction=args.val_fraction,
+        seed=args.seed, shard_tokens=args.shard_tokens, progress=not args.quiet, overwrite=args.overwrite,
+    )
+    skipped = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in meta["skipped"].items())
+    print(
+        f"prepared {meta['n_examples']:,} conversations into {args.out} (skipped: {skipped})\n"
+        f"  train: {meta['n_train_examples']:,} examples, {meta['n_train_tokens']:,} tokens\n"
+        f"  val:   {meta['n_val_examples']:,} examples, {meta['n_val_tokens']:,} tokens\n"
+        f"  vocab {meta['vocab_size']} ({meta['dtype']}), block_size {meta['block_size']}, "
+        f"{'packed' if meta['pack'] else 'one example per row'}, data sha256 {meta['data_sha256'][:12]}"
+    )
+    return 0
 
 
 def _add_export(sub) -> None:
@@ -303,6 +338,40 @@ def _run_plan(args) -> int:
     if args.write:
         path = write_run_config(result, args.write, force=args.force)
         print(f"wrote {path}")
+    return 0
+
+
+def _add_lr_find(sub) -> None:
+    p = sub.add_parser(
+        "lr-find",
+        help="the learning-rate range test: loss vs an exponentially growing LR, a plot and a suggested LR",
+        description="Train a fresh model from a run config while the learning rate grows exponentially from "
+                    "--start to --end (stopping once the smoothed loss passes 4x its minimum), write "
+                    "RUN/lr_find/lr_find.csv and lr_find.png, and suggest the rate where the smoothed loss "
+                    "falls fastest against log10(LR), before its minimum. Runs on any launcher "
+                    "(deepspeed --num_gpus N .venv/bin/dsgpt lr-find ...).",
+    )
+    p.add_argument("--config", required=True, help="run config (configs/*.yaml)")
+    p.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
+    p.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
+    p.add_argument("--steps", type=int, default=200, help="steps of the ramp (default 200)")
+    p.add_argument("--out", default=None, metavar="DIR", help="where the table and plot go (default RUN/lr_find)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.set_defaults(func=_run_lr_find)
+
+
+def _run_lr_find(args) -> int:
+    from dsgpt.config import load_config
+    from dsgpt.lr_find import check_range, run_lr_find
+    check_range(args.start, args.end, args.steps)  # before any work
+    res = run_lr_find(load_config(args.config, args.overrides), args.start, args.end, args.steps, args.out)
+    if res.table is not None:  # rank 0
+        end = "stopped early: the loss diverged" if res.stopped_early else "ran every step"
+        print(f"lr-find: {len(res.lrs)} steps from {res.lrs[0]:.2e} to {res.lrs[-1]:.2e} ({end})")
+        print(f"lowest smoothed loss {min(res.smoothed):.4f}; suggested optim.lr="
+              f"{res.suggestion:.3g}" if res.suggestion else "no suggestion: the loss never fell")
+        print(f"table: {res.table}\nplot: {res.plot}")
     return 0
 
 

@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_plan(sub)
     _add_lr_find(sub)
+    _add_sweep(sub)
     return parser
 
 
@@ -372,6 +373,37 @@ def _run_lr_find(args) -> int:
         print(f"lowest smoothed loss {min(res.smoothed):.4f}; suggested optim.lr="
               f"{res.suggestion:.3g}" if res.suggestion else "no suggestion: the loss never fell")
         print(f"table: {res.table}\nplot: {res.plot}")
+    return 0
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="a hyperparameter search over run configs (grid, random or TPE), trial after trial",
+        description="Run the trials of a sweep file (see dsgpt/sweep.py and configs/sweeps/) here, one after "
+                    "another, each a launch/train.py run; rerunning skips finished trials, resumes an "
+                    "interrupted one and retries failed ones. Writes sweep.csv, sweep.json and TensorBoard "
+                    "HParams into runs/sweeps/NAME.",
+    )
+    p.add_argument("sweep_file", metavar="SWEEP.yaml")
+    p.set_defaults(func=_run_sweep)
+
+
+def _run_sweep(args) -> int:
+    from dsgpt.sweep import format_table, load_spec, run_sweep, write_results
+    spec = load_spec(args.sweep_file)
+    print(f"sweep {spec.name}: {spec.sampler}, {spec.trials} trial(s) x {spec.repeats} run(s), "
+          f"{spec.mode} {spec.metric} ({spec.direction}); results in {spec.dir}", flush=True)
+
+    def progress(rows):
+        write_results(spec, rows)  # after every trial: a killed sweep leaves its results so far
+        last = max(rows, key=lambda r: r["trial"])
+        value = "" if last["value"] is None else f" {last['value']:.4f}"
+        print(f"trial {last['trial']} {last['status']}{value}: {last['params']}", flush=True)
+
+    rows = run_sweep(spec, on_trial=progress)
+    write_results(spec, rows)
+    print(format_table(spec, rows))
     return 0
 
 

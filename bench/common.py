@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+REPO = Path(__file__).resolve().parents[1]
 PREAMBLE = ("# Benchmark results\n\nAppended by `bench/*.py`, one table per benchmark; MFU uses "
             "6N + 12*L*H*Q*T FLOPs per token (see dsgpt/metrics.py).\n")
 
@@ -118,3 +119,52 @@ def append_row(section: str, columns: list[str], cells: list[str], path: Path = 
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
+
+
+def launcher(ranks: int) -> list[str]:
+    """The command prefix that starts `ranks` ranks of a script: python, or the deepspeed launcher."""
+    import sys
+
+    from dsgpt.dist import free_port
+    if ranks == 1:
+        return [sys.executable]
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port())]
+
+
+def child_env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    import torch
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def run_trainer(config: str, overrides: list[str], ranks: int, steps: int, warmup: int,
+                timeout: float = 1800) -> dict:
+    """Train `warmup + steps` steps through launch/train.py, the real path (data loader, step,
+    collectives, logging every step; no evaluation or saving until after the last step), and
+    return the timed steps' figures from its metrics.jsonl: step_s and mfu (medians), tokens_s,
+    mem_gb (the largest logged: RSS on CPU, max_memory_allocated on GPU, rank 0's)."""
+    import json
+    import statistics
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [*launcher(ranks), str(REPO / "launch" / "train.py"), "--config", config, *overrides,
+               f"run.out_dir={out}", "run.name=bench", f"train.max_steps={steps + warmup}", "train.log_interval=1",
+               "train.eval_interval=1000000000", "train.save_interval=1000000000", "train.eval_batches=1",
+               "train.save_best=false", "train.sample_interval=0"]
+        proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        rows = [json.loads(x) for x in (Path(out) / "bench" / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in rows if "train/step_time" in r and r["step"] > warmup]
+    seen = [r["train/tokens_seen"] for r in rows if "train/tokens_seen" in r]
+    tokens_per_step = seen[1] - seen[0]
+    step_s = statistics.median(r["train/step_time"] for r in timed)
+    mfus = [r["train/mfu"] for r in timed if r.get("train/mfu") is not None]
+    mem = max((r.get("mem/gpu_max_alloc_gb") or r.get("mem/rss_gb") or 0.0) for r in timed)
+    return {"step_s": step_s, "tokens_s": tokens_per_step / step_s, "mfu": statistics.median(mfus) if mfus else None,
+            "mem_gb": mem, "tokens_per_step": tokens_per_step, "steps": len(timed)}

@@ -131,36 +131,17 @@ def _report(times: list[float], shape: dict, world: int) -> None:
 
 # ---- the orchestrator --------------------------------------------------------------------------
 
-def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if not _cuda():
-        env["DS_ACCELERATOR"] = "cpu"
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
-
-
-def _launcher(ranks: int) -> list[str]:
-    from dsgpt.dist import free_port
-    if ranks == 1:
-        return [sys.executable]
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port())]
-
-
 def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    from bench.common import child_env
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
 def run_worker(kind: str, ranks: int, args) -> float:
-    cmd = [*_launcher(ranks), str(Path(__file__).resolve()), "--worker", kind, "--steps", str(args.steps),
+    from bench.common import launcher
+    cmd = [*launcher(ranks), str(Path(__file__).resolve()), "--worker", kind, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--zero", str(args.zero), "--log-every", str(args.log_every),
            "--shape", json.dumps(args.shape_dict)]
     out = _run(cmd, args.timeout).stdout
@@ -169,25 +150,15 @@ def run_worker(kind: str, ranks: int, args) -> float:
 
 
 def run_dsgpt(ranks: int, zero: int, args) -> float:
-    """The real trainer on the built-in corpus; the median of the logged per-step times."""
+    """The real trainer on the built-in corpus (bench.common.run_trainer)."""
+    from bench.common import run_trainer
     s = args.shape_dict
-    with tempfile.TemporaryDirectory() as out:
-        overrides = [
-            f"run.out_dir={out}", "run.name=peer", f"model.n_layer={s['n_layer']}", f"model.n_embd={s['n_embd']}",
-            f"model.n_head={s['n_head']}", f"model.block_size={s['block_size']}",
-            f"model.vocab_size={s['vocab']}", f"data.builtin_vocab_size={s['vocab']}",
-            f"train.micro_batch_size={s['micro']}", "train.grad_accum_steps=1",
-            f"train.max_steps={args.steps + args.warmup}", "train.eval_interval=1000000",
-            "train.save_interval=1000000", "train.eval_batches=1", "train.log_interval=1", "train.save_best=false",
-            f"optim.lr={s['lr']}", "optim.warmup_steps=0", "precision=fp32", f"deepspeed.zero_stage={zero}",
-            *args.overrides]
-        _run([*_launcher(ranks), str(REPO / "launch" / "train.py"), "--config", "configs/tiny.yaml", *overrides],
-             args.timeout)
-        rows = [json.loads(x) for x in (Path(out) / "peer" / "metrics.jsonl").read_text().splitlines()]
-    # log_interval=1: each row's step time is that step's own; the end-of-run eval and save are
-    # outside it. (Logging every step is dsgpt's default and costs it the TensorBoard writes.)
-    times = [r["train/step_time"] for r in rows if "train/step_time" in r and r["step"] > args.warmup]
-    return s["micro"] * s["block_size"] * ranks / statistics.median(times)
+    overrides = [f"model.n_layer={s['n_layer']}", f"model.n_embd={s['n_embd']}", f"model.n_head={s['n_head']}",
+                 f"model.block_size={s['block_size']}", f"model.vocab_size={s['vocab']}",
+                 f"data.builtin_vocab_size={s['vocab']}", f"train.micro_batch_size={s['micro']}",
+                 "train.grad_accum_steps=1", f"optim.lr={s['lr']}", "optim.warmup_steps=0", "precision=fp32",
+                 f"deepspeed.zero_stage={zero}", *args.overrides]
+    return run_trainer("configs/tiny.yaml", overrides, ranks, args.steps, args.warmup, args.timeout)["tokens_s"]
 
 
 def compare(name: str, ours, theirs, pairs: int) -> dict:

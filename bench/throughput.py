@@ -1,80 +1,103 @@
-"""Training throughput: tokens/s, MFU and memory of a config's model, on random tokens.
+"""Training throughput of a config on the real training path: tokens/s, step time, MFU, peak memory.
 
-    python bench/throughput.py --config configs/tiny.yaml [--steps 20] [key=value ...]
-    deepspeed --num_gpus 1 bench/throughput.py --config configs/gpt2-124m.yaml precision=bf16
+    python bench/throughput.py --config configs/tiny.yaml [--ranks 2] [--steps 20] [key=value ...]
+    python bench/throughput.py --config configs/tiny.yaml --ranks 2 --matrix zero=0,1,2,3 offload=off,on ac=off,on micro=4,8
+    python bench/throughput.py --config configs/gpt2-124m.yaml --ranks 1 data.path=data/corpus precision=bf16
 
-Runs the same engine and train step as launch/train.py (no data loading, no eval, no checkpoints),
-drops the warmup steps, prints the figures and appends a row to bench/RESULTS.md on rank 0.
+Each cell runs launch/train.py (data loader, trainer, collectives, logging every step; no evaluation
+or saving inside the timed steps) for `--warmup` + `--steps` steps and reads its metrics.jsonl:
+the median step time of the timed steps, tokens/s from it, the median MFU (6N + 12·L·H·Q·T per
+token; the peak measured on CPU, from the device table on GPU) and peak memory (RSS on CPU,
+max_memory_allocated on GPU; rank 0's). `--matrix` runs every combination of ZeRO stage, optimizer
+offload (the zero2_offload / zero3_offload templates; not with ZeRO 0), activation checkpointing
+and micro batch. Rows go to bench/RESULTS.md with the machine, versions and date.
 """
 
 import argparse
+import itertools
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402  (after the path: runs as a script from any directory)
 
-SECTION = "Training throughput (bench/throughput.py)"
-COLUMNS = ["date", "machine", "device", "ranks", "config", "model", "precision", "ZeRO", "micro x GAS x seq",
-           "tokens/s", "MFU", "peak mem GB", "versions"]
+SECTION = "Training throughput on the real training path (bench/throughput.py)"
+COLUMNS = ["date", "machine", "device", "ranks", "config", "cell", "tokens/s", "step ms", "MFU", "peak mem GB",
+           "versions"]
+AXES = {"zero": ("0", "1", "2", "3"), "offload": ("off", "on"), "ac": ("off", "on"), "micro": None}
+
+
+def parse_matrix(items: list[str]) -> list[dict]:
+    """`zero=0,1 ac=off,on` -> every combination, as {axis: value}; no axes -> one empty cell."""
+    axes = {}
+    for item in items:
+        key, _, values = item.partition("=")
+        if key not in AXES or not values:
+            raise SystemExit(f"--matrix {item!r}: give AXIS=v1,v2 with AXIS one of {', '.join(AXES)}")
+        axes[key] = values.split(",")
+        allowed = AXES[key]
+        bad = [v for v in axes[key] if (allowed and v not in allowed) or (not allowed and not v.isdigit())]
+        if bad:
+            raise SystemExit(f"--matrix {key}: {', '.join(bad)} not allowed ({', '.join(allowed or ['integers'])})")
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def cell_overrides(cell: dict):
+    """(overrides, label) of a matrix cell; None when the cell cannot exist (offload needs ZeRO >= 1)."""
+    out, label = [], []
+    zero = cell.get("zero")
+    if cell.get("offload") == "on":
+        if zero == "0":
+            return None
+        out.append("deepspeed.config=ds_configs/" + ("zero3_offload.json" if zero == "3" else "zero2_offload.json"))
+    if zero is not None:
+        out.append(f"deepspeed.zero_stage={zero}")
+    if "ac" in cell:
+        out.append(f"model.activation_checkpointing={'true' if cell['ac'] == 'on' else 'false'}")
+    if "micro" in cell:
+        out.append(f"train.micro_batch_size={cell['micro']}")
+    label = " ".join(f"{k}={v}" for k, v in cell.items())
+    return out, label
+
+
+def device_cell(ranks: int) -> str:
+    import torch
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} x{ranks}"
+    return f"CPU, {max(1, (os.cpu_count() or 1) // ranks)} threads x {ranks} ranks"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
+    p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--matrix", nargs="*", default=[], metavar="AXIS=V1,V2",
+                   help="zero=0,1,2,3 offload=off,on ac=off,on micro=4,8")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-
-    import torch
-
-    from dsgpt import dist
-    from dsgpt.metrics import peak_flops
-    from dsgpt.model import flops_per_token
-    from dsgpt.data.loader import step_batch
-    from dsgpt.train.step import train_step
-
-    b = common.build(args.config, args.overrides)
-    ctx, t, mcfg = b.ctx, b.cfg.train, b.mcfg
-    gen = torch.Generator().manual_seed(ctx.rank)
-    times = []
-    for i in range(args.warmup + args.steps):
-        mb = common.random_micro_batches(b, gen)
-        if ctx.on_gpu:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        train_step(b.engine, step_batch(mb), ctx.device)
-        if ctx.on_gpu:
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    tokens = t.micro_batch_size * t.grad_accum_steps * ctx.world_size * mcfg.block_size
-    step_time = statistics.median(times)
-    tok_s = tokens / step_time
-    peak = peak_flops(ctx.device_type, b.cfg.precision, b.cfg.tf32)
-    mfu = flops_per_token(mcfg) * tok_s / (peak * ctx.world_size) if peak else float("nan")
-    (mem,) = dist.all_reduce_max([common.peak_memory_gb(ctx.on_gpu)], ctx.device)
-    if ctx.is_main:
-        device, model = common.device_name(b), common.model_name(b)
-        zero = b.engine.zero_optimization_stage()
-        print(f"{args.config}: {model}, {b.cfg.precision}, ZeRO {zero}, {ctx.world_size} rank(s) on {device}")
-        print(f"  step time {step_time * 1000:.1f} ms (median of {len(times)}), {tok_s:,.0f} tokens/s, "
-              f"MFU {mfu:.1%} (peak {peak / 1e12 if peak else float('nan'):.3f} TFLOP/s per device), "
-              f"peak memory {mem:.2f} GB (the largest rank's)")
+    cells = parse_matrix(args.matrix)
+    device = device_cell(args.ranks)
+    print(f"{args.config} {' '.join(args.overrides)} on {device}: {args.steps} timed steps after {args.warmup}")
+    for cell in cells:
+        made = cell_overrides(cell)
+        if made is None:
+            print(f"  {cell}: skipped (optimizer offload needs ZeRO 1 or more)")
+            continue
+        extra, label = made
+        res = common.run_trainer(args.config, [*args.overrides, *extra], args.ranks, args.steps, args.warmup)
+        mfu = f"{res['mfu']:.1%}" if res["mfu"] is not None else "n/a"
+        print(f"  {label or 'as configured'}: {res['tokens_s']:,.0f} tokens/s, step {res['step_s'] * 1000:.1f} ms, "
+              f"MFU {mfu}, peak memory {res['mem_gb']:.2f} GB", flush=True)
         if not args.no_record:
             date, machine, versions = common.context_cells()
             common.append_row(SECTION, COLUMNS, [
-                date, machine, device, str(ctx.world_size), f"{args.config} {' '.join(args.overrides)}".strip(),
-                model, b.cfg.precision, str(zero),
-                f"{t.micro_batch_size} x {t.grad_accum_steps} x {mcfg.block_size}", f"{tok_s:,.0f}",
-                f"{mfu:.1%}", f"{mem:.2f}", versions])
-    dist.barrier()
+                date, machine, device, str(args.ranks), f"{args.config} {' '.join(args.overrides)}".strip(),
+                label or "-", f"{res['tokens_s']:,.0f}", f"{res['step_s'] * 1000:.1f}", mfu, f"{res['mem_gb']:.2f}",
+                versions])
     return 0
 
 

@@ -38,12 +38,36 @@ def test_the_shipped_results_file_has_one_table_per_section():
             assert table_rows(text, line[3:]), line
 
 
-def test_peers_bench_runs_every_side_on_a_tiny_shape(capsys):
+def test_peers_bench_runs_every_side_on_a_tiny_shape(capsys, monkeypatch):
     """A smoke run: the real trainer, the HF Trainer + DeepSpeed on 2 ranks and the plain loop each
     time their steps and the ratios come out (speed itself is for the benchmark, not a test)."""
     from bench import peers
+    from conftest import REPO
+    monkeypatch.setenv("DSGPT_CACHE", str(REPO / ".cache" / "dsgpt"))  # the built-in corpus the other tests prepare
     assert peers.main(["--pairs", "1", "--steps", "2", "--warmup", "1", "--no-record", "model.n_layer=1",
                        "model.n_embd=32", "model.n_head=2", "model.block_size=32"]) == 0
     out = capsys.readouterr().out
     assert "dsgpt vs HF Trainer + DeepSpeed" in out and "dsgpt (ZeRO 0) vs a plain PyTorch loop" in out
     assert out.count("ratio ") == 4
+
+
+def test_throughput_matrix_cells():
+    from bench.throughput import cell_overrides, parse_matrix
+    cells = parse_matrix(["zero=0,3", "offload=off,on", "micro=4"])
+    assert len(cells) == 4 and cells[0] == {"zero": "0", "offload": "off", "micro": "4"}
+    assert cell_overrides({"zero": "0", "offload": "on"}) is None  # offload needs ZeRO >= 1
+    overrides, label = cell_overrides({"zero": "3", "offload": "on", "ac": "on", "micro": "4"})
+    assert overrides == ["deepspeed.config=ds_configs/zero3_offload.json", "deepspeed.zero_stage=3",
+                         "model.activation_checkpointing=true", "train.micro_batch_size=4"]
+    assert label == "zero=3 offload=on ac=on micro=4"
+    assert parse_matrix([]) == [{}]
+
+
+def test_throughput_bench_times_the_real_trainer(capsys, monkeypatch):
+    from bench import throughput
+    from conftest import REPO
+    monkeypatch.setenv("DSGPT_CACHE", str(REPO / ".cache" / "dsgpt"))  # the built-in corpus the other tests prepare
+    assert throughput.main(["--config", "configs/tiny.yaml", "--steps", "2", "--warmup", "1", "--no-record",
+                            "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "--matrix", "ac=off,on"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("tokens/s") == 2 and "ac=on" in out and "MFU" in out

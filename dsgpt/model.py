@@ -93,8 +93,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is None:
+        if cache is None and mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        elif cache is None:  # packed examples: `mask` is block-diagonal and causal
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:  # attend over the cached tokens plus these; `mask` says which (None: all of them)
             k, v = cache.update(layer, k, v)
@@ -188,6 +191,9 @@ class GPT(nn.Module):
         result is ``(logits, cache)``. ``pos`` (B, T) gives each token's position (default: right
         after the cached ones); ``valid`` (B, T) is False at left padding, which no token attends to;
         ``last_only`` computes the logits of the last position only.
+
+        Without a cache, ``pos`` (B, T) marks packed examples (SFT): each 0 starts a new example,
+        and a token attends causally within its own example only (see `packed_mask`).
         """
         B, T = idx.shape
         start = 0 if cache is None else cache.length
@@ -198,14 +204,17 @@ class GPT(nn.Module):
             )
         if cache is None and valid is not None:
             raise ValueError("`valid` (padding) needs a `cache`: only the cached forward masks padding")
+        if cache is not None:
+            mask = cache.extend(idx, valid)
+        else:
+            mask = None if pos is None else packed_mask(pos)
         if pos is None:
             pos = torch.arange(start, start + T, device=idx.device)
-        mask = None if cache is None else cache.extend(idx, valid)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             if self.config.activation_checkpointing and self.training:
                 # Keep only each block's input; recompute its insides during backward.
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, None, i, mask, use_reentrant=False)
             else:
                 x = block(x, cache, i, mask)
         if last_only:
@@ -220,6 +229,17 @@ class GPT(nn.Module):
             return logits
         cache.length += T
         return logits, cache
+
+
+def packed_mask(pos: torch.Tensor) -> torch.Tensor:
+    """The boolean (B, 1, T, T) attention mask of rows of packed examples, from their position ids
+    (B, T): an example starts where pos is 0, and a query attends to the keys of its own example
+    at or before it. Block-diagonal, so no attention (and no gradient) crosses an example boundary."""
+    pos = pos if pos.dim() == 2 else pos[None]  # (T,) positions: the same for every row
+    example = torch.cumsum(pos == 0, dim=1)
+    T = pos.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=pos.device).tril()
+    return ((example[:, :, None] == example[:, None, :]) & causal)[:, None]
 
 
 class KVCache:

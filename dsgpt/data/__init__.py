@@ -14,6 +14,8 @@ _EXPORTS = {
     "vocab_hash": "tokenizer",
     "prepare": "prepare",
     "prepare_documents": "prepare",
+    "prepare_chat": "prepare",
+    "SFTData": "sft",
     "token_dtype": "prepare",
     "BUILTIN": "builtin",
     "ensure_builtin": "builtin",

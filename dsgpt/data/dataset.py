@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from dsgpt.data.prepare import FORMAT_VERSION
+from dsgpt.data.prepare import FORMAT_VERSION, READABLE_TOKEN_VERSIONS
 from dsgpt.errors import UserError
 from dsgpt.model import IGNORE_INDEX
 
@@ -92,40 +92,10 @@ class TokenData:
         return self.path / "tokenizer.json"
 
     def _read_meta(self) -> dict:
-        hint = _PREPARE_HINT.format(path=self.path)
-        if not self.path.is_dir():
-            raise UserError(f"Data directory {self.path} does not exist: {hint}, or fix the data path.")
-        meta_path = self.path / "meta.json"
-        if not meta_path.is_file():
-            raise UserError(
-                f"{self.path} has no meta.json, so it is not a prepared dsgpt data directory: {hint}."
-            )
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except ValueError as err:
-            raise UserError(f"{meta_path} is not valid JSON ({err}): {hint} again (with --overwrite).") from None
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise UserError(
-                f"{meta_path} has format_version {meta.get('format_version')!r}; this dsgpt reads "
-                f"version {FORMAT_VERSION}: {hint} again (with --overwrite)."
-            )
-        return meta
+        return read_meta(self.path, "tokens")
 
     def _open(self, split: str) -> list[np.ndarray]:
-        arrays = []
-        for shard in self.meta[f"{split}_shards"]:
-            file = self.path / shard["file"]
-            expected = int(shard["n_tokens"]) * self.dtype.itemsize
-            size = file.stat().st_size if file.is_file() else None
-            if size != expected:
-                raise UserError(
-                    f"Shard {file} is {'missing' if size is None else f'{size} bytes'}, but meta.json "
-                    f"says {expected} bytes: the data directory is damaged. "
-                    + _PREPARE_HINT.format(path=self.path) + " again (with --overwrite)."
-                )
-            if expected:
-                arrays.append(np.memmap(file, dtype=self.dtype, mode="r"))
-        return arrays
+        return open_shards(self.path, self.meta[f"{split}_shards"], self.dtype)
 
     # ---- training -------------------------------------------------------------------------
 
@@ -200,6 +170,59 @@ class TokenData:
         # A padding window still needs real token ids for the forward; its labels are masked.
         x, y = _pair(self.val.windows(np.where(pad, 0, starts), self.block_size + 1))
         return x, y.masked_fill(torch.from_numpy(pad)[:, None], IGNORE_INDEX)
+
+
+def read_meta(path: Path, kind: str) -> dict:
+    """meta.json of a prepared dir, checked to be readable as `kind` ("tokens": pretraining windows,
+    "chat": SFT examples); a UserError saying how to fix anything else."""
+    chat = kind == "chat"
+    hint = (f"run `dsgpt prepare --chat --input FILE.jsonl --out {path} --block-size N --vocab-size N`"
+            if chat else _PREPARE_HINT.format(path=path))
+    if not path.is_dir():
+        raise UserError(f"Data directory {path} does not exist: {hint}, or fix the data path.")
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise UserError(f"{path} has no meta.json, so it is not a prepared dsgpt data directory: {hint}.")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise UserError(f"{meta_path} is not valid JSON ({err}): {hint} again (with --overwrite).") from None
+    version = meta.get("format_version")
+    readable = (FORMAT_VERSION,) if chat else READABLE_TOKEN_VERSIONS
+    if version not in readable:
+        raise UserError(
+            f"{meta_path} has data format_version {version!r}, but this dsgpt reads {kind} data of "
+            f"version {' or '.join(map(str, readable))}"
+            + (" (chat labels and example starts came with version 2)" if chat and version == 1 else "")
+            + f": it was prepared by another dsgpt version. Prepare it again with this one: {hint} (with --overwrite)."
+        )
+    found = meta.get("kind", "tokens")
+    if found != kind:
+        what = {"chat": "chat (SFT) examples", "tokens": "pretraining token windows"}
+        raise UserError(
+            f"{path} holds {what.get(found, repr(found))} (meta.json kind {found!r}), but was opened as "
+            f"{what[kind]}. Point the run at a directory prepared "
+            + ("with `dsgpt prepare --chat`." if chat else "from plain documents (dsgpt prepare without --chat).")
+        )
+    return meta
+
+
+def open_shards(path: Path, shards: list[dict], dtype: np.dtype) -> list[np.ndarray]:
+    """Memory maps of a split's shard files, each checked against its size in meta."""
+    arrays = []
+    for shard in shards:
+        file = path / shard["file"]
+        expected = int(shard["n_tokens"]) * dtype.itemsize
+        size = file.stat().st_size if file.is_file() else None
+        if size != expected:
+            raise UserError(
+                f"Shard {file} is {'missing' if size is None else f'{size} bytes'}, but meta.json "
+                f"says {expected} bytes: the data directory is damaged. Prepare it again (the "
+                "`dsgpt prepare` command that made it, with --overwrite)."
+            )
+        if expected:
+            arrays.append(np.memmap(file, dtype=dtype, mode="r"))
+    return arrays
 
 
 def _pair(tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

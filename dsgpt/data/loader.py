@@ -24,7 +24,7 @@ import torch
 @dataclass
 class StepBatch:
     step: int
-    micro: list[tuple[torch.Tensor, torch.Tensor]]  # (x, y) per micro-step, on the device
+    micro: list[tuple[torch.Tensor, ...]]  # (x, y) or packed SFT (x, y, pos) per micro-step, on the device
     tokens: Optional[int]  # target tokens of the whole step on all ranks; None: labels are masked, count them
 
 
@@ -53,7 +53,7 @@ class StepLoader:
             for step in range(first, self.last + 1):
                 micro = self.source.train_micro_batches(step - 1, self.rank, self.world, self.micro, self.gas)
                 if self.pin:
-                    micro = [(x.pin_memory(), y.pin_memory()) for x, y in micro]
+                    micro = [tuple(t.pin_memory() for t in m) for m in micro]
                 if not self._put((step, micro)):
                     return
         except BaseException as err:  # the loop re-raises it at its next get()
@@ -75,9 +75,9 @@ class StepLoader:
         if got is None:
             raise micro
         self.next_step += 1
-        on_device = [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in micro]
+        on_device = [tuple(t.to(self.device, non_blocking=True) for t in m) for m in micro]
         masked = bool(getattr(self.source, "masks_labels", True))
-        tokens = None if masked else sum(y.numel() for _, y in micro) * self.world
+        tokens = None if masked else sum(m[1].numel() for m in micro) * self.world
         return StepBatch(step=step, micro=on_device, tokens=tokens)
 
     def close(self) -> None:

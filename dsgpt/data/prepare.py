@@ -11,6 +11,12 @@ Layout of out_dir:
   tokenizer.json       the tokenizer's canonical JSON (its sha256 is meta's tokenizer_sha256)
   meta.json            counts, shard list with per-shard sha256, provenance
 Every document is followed by one EOS token; a document's tokens may span two shards.
+
+`prepare_chat` (dsgpt prepare --chat) writes the same layout with meta kind "chat", plus per split
+  train_labels_00000.bin ...  uint8, 1 where the token at that place is a training target
+  train_examples.bin          int64 offsets where each example starts, then the split's length
+and chat_template.jinja; no EOS is added (the template's end-of-turn token ends each reply).
+Format 2 added `kind` ("tokens" | "chat") and the chat files; format-1 token dirs are unchanged.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from dsgpt.io import check_output_dir, move_into_place, temp_dir_beside
 # --overwrite replaces only a prepared dataset, recognised by its meta.json.
 _OUT_DIR = dict(marker="meta.json", kind="a dsgpt data directory", flag="--out")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_TOKEN_VERSIONS = (1, 2)  # a pretraining dir's layout did not change in 2
 SPLITS = ("train", "val")
 _BATCH_DOCS = 1024  # documents per encode_batch call (the tokenizer parallelises over them)
 _BATCH_BYTES = 2 << 20  # ...or fewer, once a batch holds this much text
@@ -124,6 +131,7 @@ def prepare_documents(
         _write_file(tmp / "tokenizer.json", tok_json.encode("utf-8"))
         meta = {
             "format_version": FORMAT_VERSION,
+            "kind": "tokens",
             "vocab_size": vocab,
             "requested_vocab_size": vocab_size,
             "dtype": dtype.name,
@@ -148,6 +156,153 @@ def prepare_documents(
         raise
     _say(progress, f"wrote {meta['n_train_tokens']:,} train + {meta['n_val_tokens']:,} val tokens to {out_dir}")
     return meta
+
+
+def prepare_chat(
+    inputs,
+    out_dir,
+    *,
+    block_size: int,
+    vocab_size: int | None = None,
+    tokenizer=None,
+    chat_template=None,
+    pack: bool = True,
+    val_fraction: float = 0.005,
+    seed: int = 1234,
+    shard_tokens: int = 100_000_000,
+    sample_bytes: int = 50_000_000,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Conversation JSONL files (see dsgpt.data.chat) -> a chat data dir `out_dir`; returns meta.
+
+    Each example keeps at most block_size + 1 tokens (block_size inputs, each with its next-token
+    target). Without `chat_template` the default template is used and its role markers become
+    special tokens: the first ids of a trained BPE, or appended after the last id of a given
+    `tokenizer` (so a model trained with it keeps every embedding row). `pack` is recorded for the
+    reader (dsgpt.data.sft): pack short examples into rows, or one padded example per row."""
+    from dsgpt.data import chat
+
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = [Path(i).expanduser() for i in inputs]
+    for path in inputs:
+        if not path.is_file():
+            raise UserError(f"Chat input {path} is not a file. --chat reads JSONL files of conversations.")
+    _check_args(vocab_size, tokenizer, val_fraction, seed, shard_tokens, sample_bytes)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+        raise UserError(f"--block-size {block_size!r} must be an integer >= 2: the model's block_size, "
+                        "which every example must fit.")
+    template = chat.ChatTemplate.from_file(chat_template) if chat_template else chat.ChatTemplate()
+    out_dir = Path(out_dir).expanduser()
+    check_output_dir(out_dir, overwrite, **_OUT_DIR)
+
+    def conversations():
+        for path in inputs:
+            yield from chat.read_conversations(path)
+
+    markers = () if chat_template else chat.ROLE_MARKERS
+    tmp = temp_dir_beside(out_dir)
+    try:
+        if tokenizer is not None:
+            tok = load_tokenizer(tokenizer)
+            eos = eos_id(tok, configured_eos(tokenizer))
+            tok.add_special_tokens([m for m in markers if tok.token_to_id(m) is None])
+            source = str(Path(tokenizer).expanduser().resolve())
+        else:
+            _say(progress, f"training a byte-level BPE (vocab {vocab_size}) on the conversations' text")
+            texts = (m["content"] for _, _, msgs in conversations() if msgs for m in msgs)
+            tok = train_bpe(texts, vocab_size, sample_bytes, special_tokens=markers)
+            eos, source = eos_id(tok), "trained"
+        vocab = tok.get_vocab_size(with_added_tokens=True)
+        dtype = token_dtype(vocab)
+        ids_w = {s: _ShardWriter(tmp, s, dtype, shard_tokens, vocab) for s in SPLITS}
+        lab_w = {s: _ShardWriter(tmp, f"{s}_labels", np.dtype(np.uint8), shard_tokens, 2) for s in SPLITS}
+        offsets = {s: [0] for s in SPLITS}
+        skipped = dict.fromkeys(chat.SKIP_REASONS, 0)
+
+        def write(split, ex):
+            ids_w[split].add(ex.ids, new_doc=True)
+            lab_w[split].add([int(b) for b in ex.labelled], new_doc=True)
+            offsets[split].append(offsets[split][-1] + len(ex.ids))
+
+        # As in _encode_all, the last example is held back for whichever split would be empty.
+        pending, n = None, 0
+        for _, _, messages in conversations():
+            ex, reason = chat.fit(tok, template, messages, block_size + 1) if messages else (None, "empty")
+            if ex is None:
+                skipped[reason] += 1
+                continue
+            if pending is not None:
+                write("val" if in_val(seed, n - 1, val_fraction) else "train", pending)
+            pending, n = ex, n + 1
+        if n < 2:
+            raise UserError(
+                f"The chat inputs gave {n} usable example(s); at least 2 are needed (one for train, one for "
+                f"val). Skipped: {_skips(skipped)}. Check the files, or raise --block-size if conversations "
+                "were too long to keep any reply."
+            )
+        if len(offsets["val"]) == 1:
+            write("val", pending)
+        elif len(offsets["train"]) == 1:
+            write("train", pending)
+        else:
+            write("val" if in_val(seed, n - 1, val_fraction) else "train", pending)
+        for w in (*ids_w.values(), *lab_w.values()):
+            w.close()
+        examples = {}
+        for split in SPLITS:
+            data = np.asarray(offsets[split], dtype="<i8").tobytes()
+            _write_file(tmp / f"{split}_examples.bin", data)
+            examples[split] = {"file": f"{split}_examples.bin", "n_examples": len(offsets[split]) - 1,
+                               "sha256": hashlib.sha256(data).hexdigest()}
+        _write_file(tmp / "tokenizer.json", tok.to_str().encode("utf-8"))
+        _write_file(tmp / "chat_template.jinja", template.source.encode("utf-8"))
+        files = [f for s in SPLITS for f in (*ids_w[s].shards, *lab_w[s].shards, examples[s])]
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "kind": "chat",
+            "vocab_size": vocab,
+            "requested_vocab_size": vocab_size,
+            "dtype": dtype.name,
+            "eos_id": eos,
+            "end_of_turn_id": tok.token_to_id(chat.END) if not chat_template else None,
+            "special_tokens": list(markers),
+            "block_size": block_size,
+            "pack": bool(pack),
+            "n_examples": n,
+            "n_train_examples": examples["train"]["n_examples"],
+            "n_val_examples": examples["val"]["n_examples"],
+            "skipped": skipped,
+            "n_train_tokens": offsets["train"][-1],
+            "n_val_tokens": offsets["val"][-1],
+            "train_shards": ids_w["train"].shards,
+            "val_shards": ids_w["val"].shards,
+            "train_label_shards": lab_w["train"].shards,
+            "val_label_shards": lab_w["val"].shards,
+            "train_examples": examples["train"],
+            "val_examples": examples["val"],
+            "chat_template": "chat_template.jinja",
+            "tokenizer_source": source,
+            "tokenizer_sha256": tokenizer_hash(tok),
+            "vocab_sha256": vocab_hash(tok),
+            "data_sha256": data_hash(files),
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "inputs": [str(p.resolve()) for p in inputs],
+        }
+        _write_file(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+        _move_into_place(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _say(progress, f"wrote {n:,} conversations ({meta['n_train_tokens']:,} train + {meta['n_val_tokens']:,} val "
+                   f"tokens) to {out_dir}; skipped {_skips(skipped)}")
+    return meta
+
+
+def _skips(skipped: dict) -> str:
+    return ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in skipped.items())
 
 
 def data_hash(shards: list[dict]) -> str:

@@ -21,10 +21,12 @@ EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eos|>", "<|i
 MIN_VOCAB = 257  # 256 byte tokens + the EOS token
 
 
-def train_bpe(documents: Iterable[str], vocab_size: int, sample_bytes: int = 50_000_000) -> Tokenizer:
-    """Train a byte-level BPE with one special token, `<|endoftext|>`, on the first
-    `sample_bytes` of `documents`. BPE keeps all its pair counts in memory, so the sample (not
-    the corpus) bounds memory; the corpus itself is then encoded in a streaming pass."""
+def train_bpe(documents: Iterable[str], vocab_size: int, sample_bytes: int = 50_000_000,
+              special_tokens: Iterable[str] = ()) -> Tokenizer:
+    """Train a byte-level BPE with the special token `<|endoftext|>` (id 0), then `special_tokens`
+    (ids 1, 2, ...: chat role markers), on the first `sample_bytes` of `documents`. BPE keeps all
+    its pair counts in memory, so the sample (not the corpus) bounds memory; the corpus itself is
+    then encoded in a streaming pass."""
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
         raise UserError(
             f"vocab_size {vocab_size!r} is too small: a byte-level BPE needs at least {MIN_VOCAB} "
@@ -35,7 +37,7 @@ def train_bpe(documents: Iterable[str], vocab_size: int, sample_bytes: int = 50_
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN],
+        special_tokens=[EOS_TOKEN, *(t for t in special_tokens if t != EOS_TOKEN)],
         # All 256 bytes up front: every input encodes, even bytes the sample never showed.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,

@@ -32,14 +32,16 @@ def train_step(engine, batch, device) -> StepResult:
     collective only when labels are masked; its scale stays on the device either way."""
     world = dist.world_size()
     if batch.tokens is None:
-        local = sum((y != IGNORE_INDEX).sum().to(device) for _, y in batch.micro)
+        local = sum((m[1] != IGNORE_INDEX).sum().to(device) for m in batch.micro)
         total = dist.all_reduce_tensor(local.to(torch.float64))
     else:
         total = torch.tensor(float(batch.tokens), dtype=torch.float64, device=device)
     scale = (world / total.clamp(min=1.0)).float()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for x, y in batch.micro:  # already there when the loader put them on the device
-        s, _ = engine(x.to(device, non_blocking=True), targets=y.to(device, non_blocking=True))
+    for x, y, *pos in batch.micro:  # already there when the loader put them on the device
+        # Packed SFT rows come as (x, y, pos): positions restart at each example (dsgpt.data.sft).
+        extra = {"pos": pos[0].to(device, non_blocking=True)} if pos else {}
+        s, _ = engine(x.to(device, non_blocking=True), targets=y.to(device, non_blocking=True), **extra)
         engine.backward(s * scale, scale_wrt_gas=False)
         engine.step()
         loss_sum += s.detach()

@@ -26,7 +26,7 @@ def gpu_runs(corpus, tmp_path_factory):
     (work / "overflow.json").write_text(json.dumps(template))
     jobs.append({"name": "fp16_overflow", "overrides": tiny_overrides(
         corpus, out, "fp16_overflow", "precision=fp16", f"deepspeed.config={work / 'overflow.json'}",
-        "train.max_steps=20", "train.on_nonfinite=stop")})
+        "deepspeed.zero_stage=2", "train.max_steps=20", "train.on_nonfinite=stop")})
     return run_jobs(jobs, ranks=ranks, work=work), out
 
 

@@ -145,7 +145,7 @@ def score(lm, cfg, tok, eos: int, tasks: list[Task], examples: dict, opts: EvalO
     Global RNG states are left as they were, so a training run that evaluates draws what it would
     have drawn without."""
     from dsgpt.eval.generation import run_generation
-    from dsgpt.eval.lm_eval_adapter import keep_rng
+    from dsgpt.eval.rng_guard import keep_rng
     out: dict = {}
     harness_tasks = [t.name for t in tasks if t.kind == "lm_eval"]
     with keep_rng(), lm.precision():

@@ -9,10 +9,8 @@ truncation, same rolling windows, log-softmax over the whole padded vocabulary),
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import os
-import random
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,7 +19,6 @@ from typing import Optional, Sequence
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from lm_eval.api.model import TemplateLM  # noqa: E402
@@ -33,6 +30,7 @@ from tqdm import tqdm  # noqa: E402
 
 from dsgpt import dist  # noqa: E402
 from dsgpt.errors import UserError  # noqa: E402
+from dsgpt.eval.rng_guard import keep_rng  # noqa: E402
 
 DTYPES = ("fp32", "bf16")
 
@@ -288,23 +286,6 @@ def _go_offline() -> None:
     datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
     if hasattr(datasets.config, "HF_DATASETS_OFFLINE"):
         datasets.config.HF_DATASETS_OFFLINE = True
-
-
-@contextlib.contextmanager
-def keep_rng():
-    """Python, numpy and torch RNG states as they were before the block: evaluating inside a
-    training run must not change the draws that follow."""
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    try:
-        yield
-    finally:
-        py, npy, cpu, cuda = states
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
 
 
 def flat_results(results: dict) -> dict:

@@ -285,7 +285,8 @@ def _run_eval(args) -> int:
                        zero_stage=args.zero_stage)
     result = run_eval(args.run, opts)
     if dist.rank() == 0:
-        print(format_table(args.run, result))
+        print(format_table(args.run, result), flush=True)
+    dist.teardown()
     return 0
 
 

@@ -231,6 +231,15 @@ def rank() -> int:
     return td.get_rank() if td.is_initialized() else 0
 
 
+def teardown() -> None:
+    """End this rank's part in the process group once every rank is done: left to interpreter
+    exit, gloo's threads can abort the process after its work is finished."""
+    import torch.distributed as td
+    if td.is_initialized():
+        td.barrier()
+        td.destroy_process_group()
+
+
 def barrier() -> None:
     import torch.distributed as td
     if td.is_initialized():

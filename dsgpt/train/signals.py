@@ -28,3 +28,13 @@ def stop_requested() -> bool:
 
 def reason() -> str:
     return _requested[0] if _requested else ""
+
+
+def number() -> int:
+    """The first requested signal's number (0: none): shared in the stop collective, so every rank
+    names the signal even when its own copy has not arrived yet."""
+    return int(signal.Signals[_requested[0]]) if _requested else 0
+
+
+def name(signum: int) -> str:
+    return signal.Signals(int(signum)).name

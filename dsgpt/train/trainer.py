@@ -330,12 +330,11 @@ class Run:
         t = self.t
         early = 0 < t.early_stop_patience <= self.state.evals_since_best  # same on every rank
         time_up = t.max_minutes is not None and (time.time() - self.start_time) / 60 >= t.max_minutes
-        signal_flag, time_flag = dist.all_reduce_max([float(signals.stop_requested()), float(time_up)],
-                                                     self.device)
+        signum, time_flag = dist.all_reduce_max([float(signals.number()), float(time_up)], self.device)
         if early:
             return "early_stop"
-        if signal_flag:
-            return f"signal:{signals.reason() or 'peer'}"
+        if signum:
+            return f"signal:{signals.name(signum)}"
         return "time_budget" if time_flag else ""
 
     def save(self, step: int) -> None:

@@ -128,16 +128,29 @@ def _from_mpi() -> _Launch:
                    local_world=local.Get_size(), node_rank=node_rank, launcher="mpi")
 
 
-def _discover() -> _Launch:
+def _launcher() -> str:
+    """Which launcher started this process, from its environment alone."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:  # the deepspeed launcher, torchrun
+        return "env"
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and "SLURM_NTASKS" in env:
+        return "slurm"
+    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env or "PMIX_RANK" in env:
+        return "mpi"
+    return "single"
+
+
+def _discover() -> _Launch:
+    env = os.environ
+    launcher = _launcher()
+    if launcher == "env":
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         return _Launch(rank=rank, local_rank=_int_env("LOCAL_RANK", default=rank), world=world,
                        local_world=_int_env("LOCAL_WORLD_SIZE", "LOCAL_SIZE", default=world),
                        node_rank=_int_env("GROUP_RANK", "NODE_RANK", default=0), launcher="env")
-    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and "SLURM_NTASKS" in env:
+    if launcher == "slurm":
         return _from_slurm()
-    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env or "PMIX_RANK" in env:
+    if launcher == "mpi":
         return _from_mpi()
     # A plain `python launch/train.py`: a world of one, on a free local port.
     env.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -147,12 +160,12 @@ def _discover() -> _Launch:
 
 def launched_world_size() -> int:
     """How many ranks the launcher started (1 for a plain `python`), before any process group."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
+    launcher = _launcher()
+    if launcher == "env":
         return max(1, _int_env("WORLD_SIZE", default=1))
-    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and "SLURM_NTASKS" in env:
+    if launcher == "slurm":
         return max(1, _int_env("SLURM_NTASKS", default=1))
-    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env or "PMIX_RANK" in env:
+    if launcher == "mpi":
         return _int_env("OMPI_COMM_WORLD_SIZE", "PMI_SIZE") or _from_mpi().world
     return 1
 

@@ -111,21 +111,10 @@ class TokenData:
         self, step: int, rank: int, world: int, micro_batch_size: int, grad_accum_steps: int
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's `grad_accum_steps` micro-batches of step `step`, each (x, y) int64
-        [micro_batch_size, block_size] with y = x shifted by one token.
-
-        The global batch has micro * gas * world sequences; rank r owns the contiguous slice
-        [r * micro * gas, (r + 1) * micro * gas), and its micro-step i is piece i of that slice."""
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} is not in [0, {world})")
-        if micro_batch_size < 1 or grad_accum_steps < 1:
-            raise ValueError("micro_batch_size and grad_accum_steps must be >= 1")
-        per_rank = micro_batch_size * grad_accum_steps
-        starts = self.global_starts(step, per_rank * world)[rank * per_rank : (rank + 1) * per_rank]
-        tokens = self.train.windows(starts, self.block_size + 1)
-        return [
-            _pair(tokens[i * micro_batch_size : (i + 1) * micro_batch_size])
-            for i in range(grad_accum_steps)
-        ]
+        [micro_batch_size, block_size] with y = x shifted by one token; the split of the step's
+        global batch into ranks and micro-steps is `micro_pieces`'s."""
+        return [_pair(self.train.windows(starts, self.block_size + 1))
+                for starts in micro_pieces(self.global_starts, step, rank, world, micro_batch_size, grad_accum_steps)]
 
     # ---- validation -----------------------------------------------------------------------
 
@@ -223,6 +212,21 @@ def open_shards(path: Path, shards: list[dict], dtype: np.dtype) -> list[np.ndar
         if expected:
             arrays.append(np.memmap(file, dtype=dtype, mode="r"))
     return arrays
+
+
+def micro_pieces(global_items, step: int, rank: int, world: int, micro_batch_size: int,
+                 grad_accum_steps: int) -> list[np.ndarray]:
+    """This rank's micro-steps of step `step`, each a piece of `global_items(step, n)` (the whole
+    step's n = micro * gas * world items): rank r owns the contiguous slice
+    [r * micro * gas, (r + 1) * micro * gas), and its micro-step i is piece i of that slice. So
+    the global batch is the same however it is split across ranks and micro-steps."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
+    if micro_batch_size < 1 or grad_accum_steps < 1:
+        raise ValueError("micro_batch_size and grad_accum_steps must be >= 1")
+    per_rank = micro_batch_size * grad_accum_steps
+    mine = global_items(step, per_rank * world)[rank * per_rank : (rank + 1) * per_rank]
+    return [mine[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(grad_accum_steps)]
 
 
 def _pair(tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

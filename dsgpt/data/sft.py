@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from dsgpt.data.dataset import _Stream, open_shards, read_meta
+from dsgpt.data.dataset import _Stream, micro_pieces, open_shards, read_meta
 from dsgpt.errors import UserError
 from dsgpt.model import IGNORE_INDEX
 
@@ -126,15 +126,8 @@ class SFTData:
                             grad_accum_steps: int) -> list[tuple[torch.Tensor, ...]]:
         """This rank's `grad_accum_steps` micro-batches of step `step`: (x, y, pos) int64
         [micro_batch_size, block_size] when packing, else (x, y)."""
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} is not in [0, {world})")
-        if micro_batch_size < 1 or grad_accum_steps < 1:
-            raise ValueError("micro_batch_size and grad_accum_steps must be >= 1")
-        per_rank = micro_batch_size * grad_accum_steps
-        rows = self.global_rows(step, per_rank * world)[rank * per_rank : (rank + 1) * per_rank]
         out = []
-        for m in range(grad_accum_steps):
-            mine = rows[m * micro_batch_size : (m + 1) * micro_batch_size]
+        for mine in micro_pieces(self.global_rows, step, rank, world, micro_batch_size, grad_accum_steps):
             batch = self._batch(self.train, [self.rows[r] for r in mine])
             out.append(batch if self.pack else batch[:2])
         return out

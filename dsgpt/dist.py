@@ -12,6 +12,7 @@ import datetime
 import os
 import socket
 import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -216,6 +217,8 @@ def setup(timeout_minutes: float = 10.0) -> DistContext:
         # The cores Slurm gave this task, else an equal share of the machine's.
         threads = _int_env("SLURM_CPUS_PER_TASK") if launch.launcher == "slurm" else None
         threads = threads or max(1, (os.cpu_count() or 1) // max(1, launch.local_world))
+        if hasattr(os, "sched_getaffinity"):  # no more threads than the cores it may run on
+            threads = min(threads, len(os.sched_getaffinity(0)))
         torch.set_num_threads(threads)
     _sweep_leftovers(launch, on_gpu)
     import deepspeed
@@ -251,6 +254,28 @@ def teardown() -> None:
     if td.is_initialized():
         td.barrier()
         td.destroy_process_group()
+
+
+def exit_rank(code: int) -> None:
+    """End a launched rank with `code` once its work is done and its files are closed.
+
+    With gloo and DeepSpeed's CPU ops loaded, the C++ clean-up after interpreter exit now and then
+    aborts a rank that has finished ("terminate called without an active exception", exit -6),
+    turning a good run into a failed one. A rank started by a launcher (WORLD_SIZE, Slurm or MPI
+    > 1) therefore runs Python's exit handlers, flushes its output and leaves with os._exit; a
+    plain single process exits normally."""
+    if launched_world_size() <= 1:
+        sys.exit(code)
+    import atexit
+    import logging
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def barrier() -> None:

@@ -33,4 +33,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dsgpt.dist import exit_rank
+    exit_rank(main())  # not sys.exit: see exit_rank

@@ -336,7 +336,7 @@ def test_a_healthy_run_with_a_long_phase_and_old_files_finishes(tmp_path, launch
     rc = run.wait(90)
     out = run.output()
     assert rc == 0, out
-    assert out.count(f"PROBE_DONE rank") == 2 and f"steps {steps} phase {phase:.1f}" in out, out
+    assert out.count("PROBE_DONE rank") == 2 and f"steps {steps} phase {phase:.1f}" in out, out
     launch_ids = set()
     for r in (0, 1):
         beat = json.loads((hb / f"rank{r:05d}.json").read_text())

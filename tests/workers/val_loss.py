@@ -41,4 +41,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dsgpt.dist import exit_rank
+    exit_rank(main())  # not sys.exit: see exit_rank

@@ -25,6 +25,7 @@ from dsgpt.train.run_setup import check_precision, fingerprint, model_config, op
 from dsgpt.train.step import LOSS_SCALE_AT_MINIMUM, step_outcome
 from dsgpt.train.profiling import StepProfiler
 from dsgpt.train.task_evals import TaskEvals
+from dsgpt.train.pruning import TrialPruning
 
 
 @dataclass
@@ -46,7 +47,7 @@ class RunSummary:
     run_dir: Path
     first_step: int
     last_step: int
-    stop_reason: str  # max_steps | early_stop | signal:NAME | time_budget | nonfinite
+    stop_reason: str  # max_steps | early_stop | signal:NAME | time_budget | nonfinite | pruned
     losses: dict  # step -> train loss, for the steps this process ran
     grad_norms: dict  # step -> gradient norm before clipping, at logged steps
     val_loss: Optional[float]
@@ -70,6 +71,7 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
             run = Run(cfg, ctx, list(sys.argv if argv is None else argv))
             cleanup.callback(run.loader.close)
             task_evals = TaskEvals.from_config(cfg, run.data)
+            pruning = TrialPruning.for_run(run)  # a sweep trial's pruner; inert otherwise
             profiler = StepProfiler.from_config(cfg, ctx)
             if profiler:
                 cleanup.callback(profiler.close)
@@ -87,6 +89,7 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
                     if _due(step, t.eval_interval) or step == t.max_steps:
                         with hang.phase("eval"):
                             improved = run.evaluate(step)
+                            pruning.after_eval(step)
                     if task_evals and task_evals.due(step, t.max_steps):
                         with hang.phase("eval"):
                             scores = task_evals.run(run.engine, ctx)
@@ -95,7 +98,7 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
                     if _due(step, t.sample_interval):
                         with hang.phase("sample"):
                             run.log_sample(step)
-                    reason = run.stop_reason()  # agreed by all ranks
+                    reason = run.stop_reason() or pruning.reason()  # agreed by all ranks
                     if _due(step, t.save_interval) or reason or step == t.max_steps or (improved and t.save_best):
                         with hang.phase("checkpoint"):
                             run.save(step)

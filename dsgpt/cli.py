@@ -380,32 +380,25 @@ def _run_lr_find(args) -> int:
 def _add_sweep(sub) -> None:
     p = sub.add_parser(
         "sweep",
-        help="a hyperparameter search over run configs (grid, random or TPE), trial after trial",
-        description="Run the trials of a sweep file (see dsgpt/sweep.py and configs/sweeps/) here, one after "
-                    "another, each a launch/train.py run; rerunning skips finished trials, resumes an "
-                    "interrupted one and retries failed ones. Writes sweep.csv, sweep.json and TensorBoard "
-                    "HParams into runs/sweeps/NAME.",
+        help="a hyperparameter search over run configs (grid, random or TPE, with pruning), here or as workers",
+        description="Run the trials of a sweep file (see dsgpt/sweep.py and configs/sweeps/), each a "
+                    "launch/train.py run: here one after another, N side by side (--jobs N), or as one of any "
+                    "number of workers on the shared study (--worker, e.g. Slurm array tasks: "
+                    "slurm/sweep.sbatch); rerunning skips finished trials, resumes an interrupted one and "
+                    "retries failed ones. Writes sweep.csv, sweep.json, plots and TensorBoard HParams into "
+                    "runs/sweeps/NAME.",
     )
-    p.add_argument("sweep_file", metavar="SWEEP.yaml")
+    p.add_argument("sweep_file", metavar="SWEEP.yaml", nargs="?")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="trials at a time here: one worker per GPU (round robin), or N shares of the CPU cores")
+    p.add_argument("--worker", metavar="SWEEP.yaml|SWEEP_DIR",
+                   help="be one worker: claim the study's next trial, run it, repeat until the sweep is done")
     p.set_defaults(func=_run_sweep)
 
 
 def _run_sweep(args) -> int:
-    from dsgpt.sweep import format_table, load_spec, run_sweep, write_results
-    spec = load_spec(args.sweep_file)
-    print(f"sweep {spec.name}: {spec.sampler}, {spec.trials} trial(s) x {spec.repeats} run(s), "
-          f"{spec.mode} {spec.metric} ({spec.direction}); results in {spec.dir}", flush=True)
-
-    def progress(rows):
-        write_results(spec, rows)  # after every trial: a killed sweep leaves its results so far
-        last = max(rows, key=lambda r: r["trial"])
-        value = "" if last["value"] is None else f" {last['value']:.4f}"
-        print(f"trial {last['trial']} {last['status']}{value}: {last['params']}", flush=True)
-
-    rows = run_sweep(spec, on_trial=progress)
-    write_results(spec, rows)
-    print(format_table(spec, rows))
-    return 0
+    from dsgpt.sweep import main
+    return main(args.sweep_file, args.worker, args.jobs)
 
 
 def main(argv: list[str] | None = None) -> int:

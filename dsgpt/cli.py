@@ -16,10 +16,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsgpt", description="Train GPT models with DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
+    _add_inspect(sub)
     _add_config(sub)
     _add_failure(sub)
     _add_export(sub)
     _add_generate(sub)
+    _add_chat(sub)
     _add_eval(sub)
     _add_plan(sub)
     _add_lr_find(sub)
@@ -95,7 +97,9 @@ def _add_prepare(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
     tok = p.add_mutually_exclusive_group(required=True)
     tok.add_argument("--vocab-size", type=int, metavar="N", help="train a byte-level BPE with N tokens")
-    tok.add_argument("--tokenizer", metavar="DIR", help="use an existing HF tokenizer dir or tokenizer.json")
+    tok.add_argument("--tokenizer", metavar="DIR",
+                     help="use an existing HF tokenizer dir or tokenizer.json (with --chat also a run dir: "
+                          "the tokenizer of the model to fine-tune)")
     p.add_argument("--val-fraction", type=float, default=0.005, metavar="F",
                    help="fraction of documents held out for validation (default 0.005)")
     p.add_argument("--text-field", default="text", metavar="NAME",
@@ -105,6 +109,28 @@ def _add_prepare(sub) -> None:
                    help="tokens per shard file (default 100M)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--doc-separator", metavar="REGEX",
+                   help="split .txt/.md files into documents at lines matching REGEX as a whole (e.g. '%%', "
+                        "'' for an empty line); default: one document per file")
+    p.add_argument("--block-sizes", default="128,256,512,1024,2048", metavar="N,N,...",
+                   help="context lengths whose share of out-of-window tokens the report measures "
+                        "(default 128,256,512,1024,2048)")
+    clean = p.add_argument_group(
+        "cleaning", "all off by default; they run in the order quality filters -> PII -> exact dedup -> "
+                    "near dedup, before the train/val split and the BPE")
+    clean.add_argument("--clean", action="store_true",
+                       help="the Gopher quality and repetition filters at the paper's thresholds")
+    clean.add_argument("--script", metavar="NAME[,NAME]",
+                       help="drop documents whose letters are < 80%% in these Unicode scripts (e.g. Latin)")
+    clean.add_argument("--scrub-pii", action="store_true",
+                       help="replace e-mails, phone numbers, IPs and card numbers by <EMAIL>, <PHONE>, ...")
+    clean.add_argument("--dedup", action="store_true",
+                       help="remove exact and near duplicates across all inputs (the first copy stays)")
+    clean.add_argument("--near-threshold", type=float, metavar="J",
+                       help="with --dedup: Jaccard similarity of word 3-gram sets that counts as a near "
+                            "duplicate (default 0.6)")
+    clean.add_argument("--clean-config", metavar="FILE",
+                       help="YAML naming filters and thresholds, PII kinds and dedup settings (the flags add to it)")
     chat = p.add_argument_group("chat (SFT) data", "conversation JSONL: {\"messages\": [{\"role\", \"content\"}, ...]} "
                                 "or {\"prompt\", \"response\"}; labels only on the assistant's replies")
     chat.add_argument("--chat", action="store_true", help="prepare conversations for fine-tuning")
@@ -121,14 +147,27 @@ def _add_prepare(sub) -> None:
 def _run_prepare(args) -> int:
     from dsgpt.data.prepare import prepare, prepare_chat
 
+    cleaning = [flag for flag, on in (("--doc-separator", args.doc_separator is not None), ("--clean", args.clean),
+                                      ("--script", args.script), ("--scrub-pii", args.scrub_pii),
+                                      ("--dedup", args.dedup), ("--near-threshold", args.near_threshold is not None),
+                                      ("--clean-config", args.clean_config)) if on]
+    if args.chat and cleaning:
+        raise UserError(f"{', '.join(cleaning)} {'is' if len(cleaning) == 1 else 'are'} for pretraining documents, "
+                        "not --chat conversations. Leave them out, or clean the text before making conversations of it.")
     if args.chat:
         return _run_prepare_chat(args, prepare_chat)
     if args.block_size is not None or args.chat_template or args.no_pack:
         raise UserError("--block-size, --chat-template and --no-pack only apply with --chat.")
+    from dsgpt.data.clean import clean_settings
+    from dsgpt.data.clean.report import read_report, summary_lines
+
+    settings = clean_settings(args.clean_config, gopher=args.clean, script=args.script, pii=args.scrub_pii,
+                              dedup=args.dedup, near_threshold=args.near_threshold)
     meta = prepare(
         args.input, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
         val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
         shard_tokens=args.shard_tokens, progress=not args.quiet, overwrite=args.overwrite,
+        doc_separator=args.doc_separator, clean=settings, block_sizes=_int_list(args.block_sizes, "--block-sizes"),
     )
     print(
         f"prepared {meta['n_documents']:,} documents into {args.out}\n"
@@ -137,6 +176,41 @@ def _run_prepare(args) -> int:
         f"  vocab {meta['vocab_size']} ({meta['dtype']}), eos id {meta['eos_id']}, "
         f"data sha256 {meta['data_sha256'][:12]}"
     )
+    report = read_report(args.out)
+    if report is not None:
+        print("\n".join(summary_lines(report)))
+        print(f"report: {args.out}/report.json" + (f", histogram: {args.out}/{report['histogram_png']}"
+                                                   if report.get("histogram_png") else ""))
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r} must be comma-separated integers, e.g. 128,256,512,1024,2048.") from None
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="print a prepared dir's report and a few random documents as the model sees them",
+        description="Print what `dsgpt prepare` reported (cleaning counts, document lengths, context "
+                    "fractions) and a few randomly drawn documents decoded from the token shards.",
+    )
+    p.add_argument("data_dir", metavar="DATA_DIR", help="a directory written by dsgpt prepare")
+    p.add_argument("--n", type=int, default=3, metavar="N", help="documents to show (default 3; 0: report only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
+    p.add_argument("--split", default="train", choices=("train", "val"), help="split to draw from (default train)")
+    p.add_argument("--max-chars", type=int, default=2000, metavar="N",
+                   help="show at most N characters of each document (default 2000)")
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args) -> int:
+    from dsgpt.data.inspect import inspect_lines
+    print("\n".join(inspect_lines(args.data_dir, n=args.n, seed=args.seed, split=args.split,
+                                  max_chars=args.max_chars)))
     return 0
 
 
@@ -151,8 +225,10 @@ def _run_prepare_chat(args, prepare_chat) -> int:
     if args.block_size is None:
         raise UserError("--chat needs --block-size N: the block_size of the model to fine-tune, which every "
                         "example must fit.")
+    from dsgpt.runs import tokenizer_of
     meta = prepare_chat(
-        args.input, args.out, block_size=args.block_size, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+        args.input, args.out, block_size=args.block_size, vocab_size=args.vocab_size,
+        tokenizer=tokenizer_of(args.tokenizer) if args.tokenizer else None,
         chat_template=args.chat_template, pack=not args.no_pack, val_fraction=args.val_fraction,
         seed=args.seed, shard_tokens=args.shard_tokens, progress=not args.quiet, overwrite=args.overwrite,
     )
@@ -241,6 +317,37 @@ def _run_generate(args) -> int:
             print(f"--- prompt {prompt + 1}, sample {sample + 1} ---" if len(named) > 1 else f"--- sample {i + 1} ---")
         print(text)
     return 0
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="talk to a run fine-tuned on chat data (interactive, or user turns from stdin)",
+        description="A multi-turn chat with a run trained on `dsgpt prepare --chat` data, through the chat "
+                    "template it was trained with. On a terminal: interactive, streamed, /reset and /exit. "
+                    "With stdin from a pipe or file: one user turn per line, one reply per line on stdout.",
+    )
+    _add_run_args(p)
+    p.add_argument("--system", default=None, metavar="TEXT", help="a system prompt, kept however long the chat")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                   help="longest reply, >= 1 (default 256; at most half the context is kept for it)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 = greedy (the default)")
+    how.add_argument("--greedy", action="store_true", help="always the most likely token (temperature 0)")
+    p.add_argument("--top-k", type=int, default=50, help=">= 0; 0 = off (default 50; with --temperature > 0)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]; default off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="P", help="> 0; default 1 = off")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws; /reset starts it again (default 0)")
+    p.add_argument("--echo", action="store_true",
+                   help="with stdin from a pipe or file: write a transcript (you> / assistant> lines)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto (default): the GPU when there is one")
+    p.set_defaults(func=_run_chat)
+
+
+def _run_chat(args) -> int:
+    from dsgpt.chat import main as chat_main
+    return chat_main(args)
 
 
 def _add_eval(sub) -> None:

@@ -247,7 +247,8 @@ def test_meta_matches_files(prepared):
     assert meta["tokenizer_sha256"] == tokenizer_hash(load_tokenizer(prepared / "tokenizer.json"))
     assert {"format_version", "seed", "val_fraction", "inputs"} <= set(meta)
     assert sorted(p.name for p in prepared.iterdir()) == sorted(
-        ["meta.json", "tokenizer.json"] + [s["file"] for s in meta["train_shards"] + meta["val_shards"]]
+        ["meta.json", "tokenizer.json", "report.json", "lengths.png"]
+        + [s["file"] for s in meta["train_shards"] + meta["val_shards"]]
     )
 
 

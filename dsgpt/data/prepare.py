@@ -10,7 +10,13 @@ Layout of out_dir:
   val_00000.bin ...    same, for the validation split
   tokenizer.json       the tokenizer's canonical JSON (its sha256 is meta's tokenizer_sha256)
   meta.json            counts, shard list with per-shard sha256, provenance
+  report.json          what cleaning did and the document lengths (dsgpt.data.clean.report);
+  lengths.png          their histogram (when matplotlib is installed)
 Every document is followed by one EOS token; a document's tokens may span two shards.
+
+Cleaning (dsgpt.data.clean, off unless asked for) runs on the document stream before everything
+else: quality filters -> PII scrubbing -> exact dedup -> near dedup; then the train/val split. The
+BPE is trained on the cleaned stream (a fresh pass over the first sample_bytes of it).
 
 `prepare_chat` (dsgpt prepare --chat) writes the same layout with meta kind "chat", plus per split
   train_labels_00000.bin ...  uint8, 1 where the token at that place is a training target
@@ -21,6 +27,7 @@ Format 2 added `kind` ("tokens" | "chat") and the chat files; format-1 token dir
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
@@ -28,12 +35,16 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from dsgpt.data.sources import check_inputs, iter_documents
+from dsgpt.data.clean import Cleaner, CleanSettings
+from dsgpt.data.clean.report import (DEFAULT_BLOCK_SIZES, HISTOGRAM_FILE, REPORT_FILE, build_report,
+                                     write_histogram)
+from dsgpt.data.sources import check_inputs, compile_separator, iter_documents
 from dsgpt.data.tokenizer import configured_eos, eos_id, load_tokenizer, tokenizer_hash, train_bpe, vocab_hash
 from dsgpt.errors import UserError
 from dsgpt.io import check_output_dir, move_into_place, temp_dir_beside
@@ -44,9 +55,14 @@ _OUT_DIR = dict(marker="meta.json", kind="a dsgpt data directory", flag="--out")
 FORMAT_VERSION = 2
 READABLE_TOKEN_VERSIONS = (1, 2)  # a pretraining dir's layout did not change in 2
 SPLITS = ("train", "val")
+# `--chat --input builtin`: the built-in instruction set (dsgpt.data.instructions), written into
+# the output dir with its held-out prompts.
+BUILTIN_CHAT = "builtin"
+INSTRUCTIONS_FILE, HELD_OUT_FILE = "instructions.jsonl", "held_out.jsonl"
 _BATCH_DOCS = 1024  # documents per encode_batch call (the tokenizer parallelises over them)
 _BATCH_BYTES = 2 << 20  # ...or fewer, once a batch holds this much text
 _FLUSH_TOKENS = 1 << 20  # at most this many tokens wait in memory per split
+_PROGRESS_EVERY_S = 30.0  # without a terminal, a progress line this often
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -66,18 +82,28 @@ def prepare(
     sample_bytes: int = 50_000_000,
     progress: bool = True,
     overwrite: bool = False,
+    doc_separator: str | None = None,
+    clean: CleanSettings | None = None,
+    block_sizes=DEFAULT_BLOCK_SIZES,
 ) -> dict:
     """Prepare `inputs` (see sources.iter_documents) into `out_dir`; returns the meta dict.
 
     Give exactly one of `vocab_size` (train a byte-level BPE of that size on the first
-    `sample_bytes` of text) or `tokenizer` (a HF tokenizer dir or tokenizer.json)."""
+    `sample_bytes` of text) or `tokenizer` (a HF tokenizer dir or tokenizer.json).
+    `doc_separator` splits text files into documents at matching lines; `clean` names the
+    cleaning stages to run (default: none); `block_sizes` are the candidate context lengths the
+    report measures."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = [str(i) for i in inputs]
     check_inputs(inputs)  # fail on a typo before any slow work
+    compile_separator(doc_separator)
     recorded = [str(Path(i).expanduser().resolve()) if Path(i).expanduser().exists() else i for i in inputs]
+    extra = {"inputs": recorded, "text_field": text_field}
+    if doc_separator is not None:
+        extra["doc_separator"] = doc_separator
     return prepare_documents(
-        lambda: iter_documents(inputs, text_field),
+        lambda: iter_documents(inputs, text_field, doc_separator),
         out_dir,
         vocab_size=vocab_size,
         tokenizer=tokenizer,
@@ -87,7 +113,9 @@ def prepare(
         sample_bytes=sample_bytes,
         progress=progress,
         overwrite=overwrite,
-        extra_meta={"inputs": recorded, "text_field": text_field},
+        extra_meta=extra,
+        clean=clean,
+        block_sizes=block_sizes,
     )
 
 
@@ -104,12 +132,22 @@ def prepare_documents(
     progress: bool = True,
     overwrite: bool = False,
     extra_meta: dict | None = None,
+    clean: CleanSettings | None = None,
+    block_sizes=DEFAULT_BLOCK_SIZES,
 ) -> dict:
     """`prepare` for any source of documents: `make_documents()` must return a fresh iterator
     over the same documents each time it is called (it is read once or twice)."""
     out_dir = Path(out_dir).expanduser()
     _check_args(vocab_size, tokenizer, val_fraction, seed, shard_tokens, sample_bytes)
+    block_sizes = _check_block_sizes(block_sizes)
+    settings = clean if clean is not None else CleanSettings()
     check_output_dir(out_dir, overwrite, **_OUT_DIR)
+
+    def documents() -> tuple[Cleaner, Iterable[str]]:
+        # A fresh Cleaner per pass: dedup remembers what it has seen.
+        cleaner = Cleaner(settings)
+        return cleaner, (cleaner.run(make_documents()) if settings.enabled else make_documents())
+
     tmp = temp_dir_beside(out_dir)
     try:
         if tokenizer is not None:
@@ -117,18 +155,27 @@ def prepare_documents(
             eos = eos_id(tok, configured_eos(tokenizer))
             source = str(Path(tokenizer).expanduser().resolve())
         else:
-            _say(progress, f"training a byte-level BPE (vocab {vocab_size}) on up to {sample_bytes / 1e6:g} MB of text")
-            tok = train_bpe(make_documents(), vocab_size, sample_bytes)
+            what = "cleaned text" if settings.enabled else "text"
+            _say(progress, f"training a byte-level BPE (vocab {vocab_size}) on up to {sample_bytes / 1e6:g} MB of {what}")
+            tok = train_bpe(documents()[1], vocab_size, sample_bytes)
             eos, source = eos_id(tok), "trained"
         vocab = tok.get_vocab_size(with_added_tokens=True)
         dtype = token_dtype(vocab)
         writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens, vocab) for s in SPLITS}
-        counts = _encode_all(make_documents(), tok, eos, writers, val_fraction, seed, progress)
+        cleaner, docs = documents()
+        counts, lengths = _encode_all(docs, tok, eos, writers, val_fraction, seed, progress,
+                                      cleaner if settings.enabled else None)
         for w in writers.values():
             w.close()
         shards = {s: writers[s].shards for s in SPLITS}
         tok_json = tok.to_str()
         _write_file(tmp / "tokenizer.json", tok_json.encode("utf-8"))
+        if not settings.enabled:
+            cleaner.n_read = cleaner.n_kept = counts["n_documents"]
+        report = build_report(cleaner.counts(), lengths, block_sizes, cleaner.memory(),
+                              {k: counts[k] for k in ("n_train_documents", "n_val_documents", "split_method")})
+        report["histogram_png"] = HISTOGRAM_FILE if write_histogram(report, tmp / HISTOGRAM_FILE, block_sizes) else None
+        _write_file(tmp / REPORT_FILE, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
         meta = {
             "format_version": FORMAT_VERSION,
             "kind": "tokens",
@@ -147,6 +194,8 @@ def prepare_documents(
             "data_sha256": data_hash(shards["train"] + shards["val"]),
             "seed": seed,
             "val_fraction": val_fraction,
+            "cleaning": settings.to_dict() if settings.enabled else None,
+            "report": REPORT_FILE,
             **(extra_meta or {}),
         }
         _write_file(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
@@ -185,10 +234,12 @@ def prepare_chat(
 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    builtin = [str(i) == BUILTIN_CHAT and not Path(i).exists() for i in inputs]
     inputs = [Path(i).expanduser() for i in inputs]
-    for path in inputs:
-        if not path.is_file():
-            raise UserError(f"Chat input {path} is not a file. --chat reads JSONL files of conversations.")
+    for path, is_builtin in zip(inputs, builtin):
+        if not (path.is_file() or is_builtin):
+            raise UserError(f"Chat input {path} is not a file. --chat reads JSONL files of conversations "
+                            f"(or `{BUILTIN_CHAT}`: the built-in instruction set).")
     _check_args(vocab_size, tokenizer, val_fraction, seed, shard_tokens, sample_bytes)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
         raise UserError(f"--block-size {block_size!r} must be an integer >= 2: the model's block_size, "
@@ -204,6 +255,10 @@ def prepare_chat(
     markers = () if chat_template else chat.ROLE_MARKERS
     tmp = temp_dir_beside(out_dir)
     try:
+        if any(builtin):  # written beside the shards: the user can read what the model trains on
+            from dsgpt.data import instructions
+            instructions.write(tmp / INSTRUCTIONS_FILE, tmp / HELD_OUT_FILE, seed=seed)
+            inputs = [tmp / INSTRUCTIONS_FILE if b else p for p, b in zip(inputs, builtin)]
         if tokenizer is not None:
             tok = load_tokenizer(tokenizer)
             eos = eos_id(tok, configured_eos(tokenizer))
@@ -221,7 +276,10 @@ def prepare_chat(
         offsets = {s: [0] for s in SPLITS}
         skipped = dict.fromkeys(chat.SKIP_REASONS, 0)
 
+        turn_ends: collections.Counter = collections.Counter()
+
         def write(split, ex):
+            turn_ends.update(chat.turn_ends(ex))
             ids_w[split].add(ex.ids, new_doc=True)
             lab_w[split].add([int(b) for b in ex.labelled], new_doc=True)
             offsets[split].append(offsets[split][-1] + len(ex.ids))
@@ -266,7 +324,7 @@ def prepare_chat(
             "requested_vocab_size": vocab_size,
             "dtype": dtype.name,
             "eos_id": eos,
-            "end_of_turn_id": tok.token_to_id(chat.END) if not chat_template else None,
+            "end_of_turn_id": chat.end_of_turn(turn_ends) if chat_template else tok.token_to_id(chat.END),
             "special_tokens": list(markers),
             "block_size": block_size,
             "pack": bool(pack),
@@ -289,8 +347,10 @@ def prepare_chat(
             "data_sha256": data_hash(files),
             "seed": seed,
             "val_fraction": val_fraction,
-            "inputs": [str(p.resolve()) for p in inputs],
+            "inputs": [BUILTIN_CHAT if b else str(p.resolve()) for p, b in zip(inputs, builtin)],
         }
+        if any(builtin):
+            meta["held_out"] = HELD_OUT_FILE
         _write_file(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
         _move_into_place(tmp, out_dir, overwrite)
     except BaseException:
@@ -334,6 +394,14 @@ def _check_args(vocab_size, tokenizer, val_fraction, seed, shard_tokens, sample_
         raise UserError("shard_tokens and sample_bytes must be positive.")
 
 
+def _check_block_sizes(block_sizes) -> tuple[int, ...]:
+    sizes = tuple(block_sizes or ())
+    if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+        raise UserError(f"--block-sizes {','.join(map(str, sizes)) or '(none)'} must be one or more positive "
+                        "integers, e.g. 128,256,512,1024,2048: the context lengths the report measures.")
+    return tuple(sorted(set(sizes)))
+
+
 def _say(progress: bool, message: str) -> None:
     if progress:
         print(message, file=sys.stderr, flush=True)
@@ -352,38 +420,42 @@ def _batches(documents: Iterable[str]) -> Iterator[tuple[list[str], int]]:
         yield batch, size
 
 
-def _encode_all(documents, tok, eos, writers, val_fraction, seed, progress) -> dict:
-    """Encode and write every document; returns the document counts for meta."""
-    from tqdm import tqdm
-
+def _encode_all(documents, tok, eos, writers, val_fraction, seed, progress, cleaner=None) -> tuple[dict, Counter]:
+    """Encode and write every document; returns the document counts for meta and a Counter of
+    document lengths in tokens (EOS not counted) for the report."""
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # fast: skips offsets
     n_docs = 0
-    n_tokens = 0
+    lengths: Counter = Counter()
     # The last document is held back so it can be routed to whichever split would otherwise be
     # empty: a deterministic split that still guarantees both splits when there are >= 2 docs.
     pending = None
-    bar = tqdm(
-        desc="encode", unit="B", unit_scale=True, disable=not progress or not sys.stderr.isatty(),
-        dynamic_ncols=True,
-    )
-    start = time.perf_counter()
+    meter = _Progress(progress, cleaner)
     try:
-        for batch, size in _batches(documents):
-            for enc in encode(batch, add_special_tokens=False):
+        for encodings, size in _encoded(_batches(documents), encode):
+            batch_lengths = []
+            for enc in encodings:
                 ids = enc.ids
+                batch_lengths.append(len(ids))
                 ids.append(eos)
                 if pending is not None:
                     _write_doc(writers, pending, val_fraction, seed)
                 pending = (n_docs, ids)
                 n_docs += 1
-                n_tokens += len(ids)
+            lengths.update(batch_lengths)
             for w in writers.values():  # drop this batch's id lists before the next batch
                 w.flush()
-            bar.update(size)
-            bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - start, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
+            meter.update(size, len(batch_lengths), sum(batch_lengths) + len(batch_lengths))
     finally:
-        bar.close()
+        meter.close()
     if pending is None:
+        if cleaner is not None and cleaner.n_read:
+            from dsgpt.data.clean.report import summary_lines
+            raise UserError(
+                f"Cleaning dropped every one of the {cleaner.n_read:,} documents read: "
+                + "; ".join(line.strip() for line in summary_lines({"cleaning": cleaner.counts(), "lengths": {}})[1:])
+                + ". Loosen the thresholds in --clean-config, switch rules off, or check that the inputs "
+                "are split into documents as intended (--doc-separator)."
+            )
         raise UserError(
             "The inputs hold no documents (all files or records were empty). Check --input and, "
             "for JSONL/parquet/datasets, that --text-field names the column with the text."
@@ -403,7 +475,64 @@ def _encode_all(documents, tok, eos, writers, val_fraction, seed, progress) -> d
         train.add(ids, new_doc=True)
     else:
         _write_doc(writers, pending, val_fraction, seed)
-    return {"n_documents": n_docs, "n_train_documents": train.n_docs, "n_val_documents": val.n_docs, "split_method": split}
+    counts = {"n_documents": n_docs, "n_train_documents": train.n_docs, "n_val_documents": val.n_docs,
+              "split_method": split}
+    return counts, lengths
+
+
+class _Progress:
+    """Bytes, documents/s and tokens/s of the encoding pass: a tqdm bar on a terminal, otherwise
+    a line on stderr every _PROGRESS_EVERY_S seconds (long runs under Slurm or nohup)."""
+
+    def __init__(self, enabled: bool, cleaner=None):
+        from tqdm import tqdm
+
+        self.enabled, self.cleaner = enabled, cleaner
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(desc="encode", unit="B", unit_scale=True, disable=not self.tty, dynamic_ncols=True)
+        self.start = self.last = time.perf_counter()
+        self.bytes = self.docs = self.tokens = 0
+
+    def update(self, size: int, docs: int, tokens: int) -> None:
+        self.bytes += size
+        self.docs += docs
+        self.tokens += tokens
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        rate = self._rates(now)
+        if self.tty:
+            self.bar.update(size)
+            self.bar.set_postfix_str(rate, refresh=False)
+        elif now - self.last >= _PROGRESS_EVERY_S:
+            self.last = now
+            print(f"encode: {self.bytes / 1e6:,.1f} MB, {rate}", file=sys.stderr, flush=True)
+
+    def _rates(self, now: float) -> str:
+        elapsed = max(now - self.start, 1e-9)
+        read = f", {self.cleaner.n_read:,} read ({self.cleaner.n_read / elapsed:,.0f}/s)" if self.cleaner else ""
+        return (f"{self.docs:,} docs ({self.docs / elapsed:,.0f} docs/s){read}, "
+                f"{self.tokens / elapsed / 1e6:.2f}M tok/s")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _encoded(batches, encode) -> Iterator[tuple[list, int]]:
+    """(encodings, bytes) per batch, in order. The tokenizer encodes the next batch on a thread
+    (it releases the GIL) while this one is written and the one after is read and cleaned, so
+    the Python work overlaps the encoding instead of adding to it. At most two batches wait."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsgpt-encode") as pool:
+        previous = None
+        for batch, size in batches:
+            job = (pool.submit(encode, batch, add_special_tokens=False), size)
+            if previous is not None:
+                yield previous[0].result(), previous[1]
+            previous = job
+        if previous is not None:
+            yield previous[0].result(), previous[1]
 
 
 def _write_doc(writers, doc, val_fraction, seed) -> None:

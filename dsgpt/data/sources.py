@@ -4,14 +4,21 @@ An input is a path (text file, folder, JSONL, parquet, a `datasets` directory wr
 `save_to_disk`) or a Hugging Face dataset name (`NAME` or `NAME:CONFIG`, split `train`).
 Everything here is a generator that holds at most one batch of documents at a time, so memory
 does not grow with the corpus. Empty documents are skipped: they would only add a lone EOS.
+
+A text file is one document, unless a document separator is given: a regular expression matched
+against each whole line (without its line break). Matching lines end one document and start the
+next; they belong to neither. A document is its lines joined as they were, without the last line
+break; documents that are empty or only whitespace are skipped. JSONL/parquet/dataset rows are
+documents whatever the separator.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from dsgpt.errors import UserError
 
@@ -20,21 +27,37 @@ JSONL_SUFFIXES = (".jsonl",)
 PARQUET_SUFFIXES = (".parquet",)
 KNOWN_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 FORMATS_HELP = (
-    "supported inputs are .txt/.md files (one document per file), folders of them (searched "
-    "recursively), .jsonl (one JSON object per line), .parquet, a directory written by "
+    "supported inputs are .txt/.md files (one document per file, or split at --doc-separator lines), "
+    "folders of them (searched recursively), .jsonl (one JSON object per line), .parquet, a directory written by "
     "datasets' save_to_disk, or a Hugging Face dataset name (NAME or NAME:CONFIG)"
 )
 _BATCH_ROWS = 1024  # rows per Arrow batch: big enough to be fast, small enough to stay flat
 
 
-def iter_documents(inputs: list[str], text_field: str = "text") -> Iterator[str]:
-    """Yield every non-empty document of every input, in a fixed deterministic order."""
+def iter_documents(inputs: list[str], text_field: str = "text", doc_separator: Optional[str] = None) -> Iterator[str]:
+    """Yield every non-empty document of every input, in a fixed deterministic order; text files
+    are split into documents at lines that match `doc_separator` (see compile_separator)."""
+    separator = compile_separator(doc_separator)
     # Check every input before yielding anything, so a typo in the last one fails at once.
     for item, kind in check_inputs(inputs):
         if kind == "hf":
             yield from _iter_hf_name(item, text_field)
         else:
-            yield from _iter_path(Path(item), kind, text_field)
+            yield from _iter_path(Path(item), kind, text_field, separator)
+
+
+def compile_separator(pattern: Optional[str]) -> Optional[re.Pattern]:
+    """The document separator as a compiled regex (None: one document per text file)."""
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise UserError(
+            f"--doc-separator {pattern!r} is not a valid regular expression ({err}). It is Python regex "
+            "syntax matched against each whole line, e.g. '%' (a line holding only %), '' (an empty line) "
+            "or '-{3,}'; quote it for the shell."
+        ) from None
 
 
 def check_inputs(inputs) -> list[tuple[str, str]]:
@@ -82,23 +105,57 @@ def _is_saved_dataset(path: Path) -> bool:
     )
 
 
-def _iter_path(path: Path, kind: str, text_field: str) -> Iterator[str]:
+def _iter_path(path: Path, kind: str, text_field: str, separator: Optional[re.Pattern] = None) -> Iterator[str]:
     path = path.expanduser()
     if kind == "folder":
-        yield from _iter_folder(path, text_field)
+        yield from _iter_folder(path, text_field, separator)
     elif kind == "saved_dataset":
         yield from _iter_saved_dataset(path, text_field)
     elif kind == "jsonl":
         yield from _iter_jsonl(path, text_field)
     elif kind == "parquet":
         yield from _iter_parquet(path, text_field)
+    elif separator is not None:
+        yield from _split_text(path, separator)
     else:
         text = _read_text(path)
         if text:
             yield text
 
 
-def _iter_folder(root: Path, text_field: str) -> Iterator[str]:
+def _split_text(path: Path, separator: re.Pattern) -> Iterator[str]:
+    """The documents of a text file split at separator lines, read line by line (flat memory)."""
+    lines: list[str] = []
+    lineno = 0
+    with open(path, encoding="utf-8") as f:
+        while True:
+            try:
+                line = f.readline()
+            except UnicodeDecodeError:
+                raise UserError(
+                    f"File {path} is not valid UTF-8 near line {lineno + 1}. Convert it to UTF-8 "
+                    "(e.g. `iconv -f latin1 -t utf-8`) or leave it out of the inputs."
+                ) from None
+            if not line:
+                break
+            lineno += 1
+            if separator.fullmatch(line[:-1] if line.endswith("\n") else line):
+                yield from _joined(lines)
+                lines = []
+            else:
+                lines.append(line)
+    yield from _joined(lines)
+
+
+def _joined(lines: list[str]) -> Iterator[str]:
+    doc = "".join(lines)
+    if doc.endswith("\n"):
+        doc = doc[:-1]
+    if doc.strip():
+        yield doc
+
+
+def _iter_folder(root: Path, text_field: str, separator: Optional[re.Pattern] = None) -> Iterator[str]:
     files = _folder_files(root)
     if not files:
         raise UserError(
@@ -107,7 +164,7 @@ def _iter_folder(root: Path, text_field: str) -> Iterator[str]:
             "themselves or add them to the folder."
         )
     for path in files:
-        yield from _iter_path(path, path.suffix.lower().lstrip("."), text_field)
+        yield from _iter_path(path, path.suffix.lower().lstrip("."), text_field, separator)
 
 
 def _folder_files(root: Path) -> list[Path]:

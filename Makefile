@@ -8,6 +8,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch
 DEMO_RUN ?= demo
 DEMO_STEPS ?= 300
+DEMO_CHAT_STEPS ?= 600
 # Ranks for the demo: every GPU, or 2 CPU ranks on a machine without one.
 NUM_GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 DEMO_RANKS := $(if $(filter-out 0,$(NUM_GPUS)),$(NUM_GPUS),2)
@@ -15,7 +16,8 @@ DEMO_RANKS := $(if $(filter-out 0,$(NUM_GPUS)),$(NUM_GPUS),2)
 .PHONY: setup setup-dev demo test bench clean help
 
 help:
-	@echo "make demo   - venv, install, prepare the built-in corpus, train a tiny GPT, eval, sample"
+	@echo "make demo   - venv, install, prepare the built-in corpus, train a tiny GPT, eval, sample;"
+	@echo "              then fine-tune it on a built-in instruction set and chat with it"
 	@echo "make test   - install the test extras and run the whole suite"
 	@echo "make bench  - tokens/s and MFU for configs/tiny.yaml, appended to bench/RESULTS.md"
 
@@ -45,6 +47,16 @@ demo: setup
 		run.name=$(DEMO_RUN) train.max_steps=$(DEMO_STEPS)
 	$(PY) launch/eval.py --run runs/$(DEMO_RUN)
 	$(PY) launch/generate.py --run runs/$(DEMO_RUN) --prompt "def " --max-new-tokens 120
+	@echo
+	@echo "== act 2: fine-tune runs/$(DEMO_RUN) on the built-in instruction set, then chat with it =="
+	$(VENV)/bin/dsgpt prepare --chat --input builtin --tokenizer runs/$(DEMO_RUN) --block-size 128 \
+		--out data/$(DEMO_RUN)-chat --overwrite --quiet
+	$(VENV)/bin/deepspeed --num_gpus $(DEMO_RANKS) launch/train.py --config configs/sft-tiny.yaml \
+		run.name=$(DEMO_RUN)-chat data.path=data/$(DEMO_RUN)-chat train.init_from=runs/$(DEMO_RUN) \
+		train.max_steps=$(DEMO_CHAT_STEPS)
+	@# Prompts from data/$(DEMO_RUN)-chat/held_out.jsonl: word lists the fine-tune never saw.
+	printf 'last: cup tea tree sky\nfirst: queen owl wolf green\n/reset\nreverse: dog bird\n' | \
+		$(VENV)/bin/dsgpt chat --run runs/$(DEMO_RUN)-chat --echo
 	@echo
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir runs"
 

@@ -2,7 +2,7 @@
 
     python bench/peers.py [--pairs 3] [--steps 20] [--warmup 5] [--ranks 2] [key=value ...]
 
-Two comparisons, each run as interleaved pairs (A B A B ...) so that drift of the machine hits both
+Three comparisons, each run as interleaved pairs (A B A B ...) so that drift of the machine hits both
 sides alike; each run reports the median of its timed steps, and the figure is the median of the
 pairs' ratios (tokens/s of dsgpt over the peer's):
 
@@ -11,6 +11,7 @@ pairs' ratios (tokens/s of dsgpt over the peer's):
     ranks under the same ZeRO stage (default 2).
   - dsgpt in one process (ZeRO 0) vs a plain PyTorch loop of the same model (dsgpt.model.GPT,
     torch AdamW, gradient clipping), one process.
+  - dsgpt on `--ranks` ranks (ZeRO 0) vs that plain loop in torch DistributedDataParallel over gloo.
 
 Neither side evaluates or saves inside the timed steps; both log every `--log-every` steps. Each
 peer is set up as its documentation advises; its settings are printed beside the figures and go to
@@ -98,21 +99,30 @@ def worker_hf(shape: dict, steps: int, warmup: int, zero: int, log_every: int) -
 
 
 def worker_plain(shape: dict, steps: int, warmup: int, log_every: int) -> None:
-    """One process, dsgpt's GPT in a plain loop: AdamW (decay on matrices), clip, step."""
+    """dsgpt's GPT in a plain loop: AdamW (decay on matrices), clip, step. Under a launcher with
+    WORLD_SIZE > 1 the model is wrapped in torch's DistributedDataParallel over gloo, as its docs
+    set it up (one process per rank, each its own micro-batch, gradients averaged in backward)."""
     import torch
+    import torch.distributed as td
 
     from dsgpt.model import GPT, GPTConfig, param_groups
-    torch.set_num_threads(_threads_per_rank(1))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    torch.set_num_threads(_threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=shape["vocab"], block_size=shape["block_size"], n_layer=shape["n_layer"],
                           n_head=shape["n_head"], n_embd=shape["n_embd"])).train()
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=shape["lr"], betas=(0.9, 0.95))
-    tokens = _random_tokens(steps + warmup, shape["micro"], shape["block_size"], shape["vocab"], 0)
+    forward = model
+    if world > 1:
+        td.init_process_group("gloo")
+        forward = torch.nn.parallel.DistributedDataParallel(model)
+    tokens = _random_tokens(steps + warmup, shape["micro"], shape["block_size"], shape["vocab"], rank)
     times = []
     for i in range(steps + warmup):
         batch = tokens[i * shape["micro"]:(i + 1) * shape["micro"]]
         t0 = time.perf_counter()
-        loss_sum, n = model(batch[:, :-1], targets=batch[:, 1:])
+        loss_sum, n = forward(batch[:, :-1], targets=batch[:, 1:])
         (loss_sum / n).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -120,7 +130,10 @@ def worker_plain(shape: dict, steps: int, warmup: int, log_every: int) -> None:
         if (i + 1) % log_every == 0:
             float(loss_sum)  # what a logged step reads back
         times.append(time.perf_counter() - t0)
-    _report(times[warmup:], shape, world=1)
+    if world > 1:
+        td.destroy_process_group()
+    if rank == 0:
+        _report(times[warmup:], shape, world=world)
 
 
 def _report(times: list[float], shape: dict, world: int) -> None:
@@ -181,7 +194,7 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--zero", type=int, default=2)
     p.add_argument("--log-every", type=int, default=1, help="the peers' logging cadence (dsgpt logs every step)")
-    p.add_argument("--peers", default="hf,plain", help="hf, plain, or both")
+    p.add_argument("--peers", default="hf,plain,ddp", help="comma-separated: hf, plain, ddp (default all)")
     p.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=1800)
@@ -199,7 +212,7 @@ def main(argv=None) -> int:
     if args.worker == "hf":
         worker_hf(args.shape_dict, args.steps, args.warmup, args.zero, args.log_every)
         return 0
-    if args.worker == "plain":
+    if args.worker in ("plain", "ddp"):
         worker_plain(args.shape_dict, args.steps, args.warmup, args.log_every)
         return 0
 
@@ -221,6 +234,13 @@ def main(argv=None) -> int:
                                 lambda: run_dsgpt(1, 0, args), lambda: run_worker("plain", 1, args), args.pairs),
                         f"dsgpt.model.GPT, torch.optim.AdamW (decay on matrices), clip_grad_norm_ 1.0, loss read "
                         f"every {args.log_every} step(s), {_threads_per_rank(1)} threads"))
+    if "ddp" in peers:
+        results.append((compare(f"{args.ranks} ranks: dsgpt (ZeRO 0) vs a plain DDP loop over gloo",
+                                lambda: run_dsgpt(args.ranks, 0, args), lambda: run_worker("ddp", args.ranks, args),
+                                args.pairs),
+                        f"dsgpt.model.GPT in torch DistributedDataParallel (gloo, default 25 MB buckets), "
+                        f"torch.optim.AdamW, clip_grad_norm_ 1.0, loss read every {args.log_every} step(s), "
+                        f"{_threads_per_rank(args.ranks)} threads/rank"))
     for res, settings in results:
         print(f"{res['name']}: dsgpt {res['dsgpt']:,.0f} tokens/s, peer {res['peer']:,.0f} tokens/s, "
               f"ratio {res['ratio']:.3f} (pairs {res['lo']:.3f}-{res['hi']:.3f}); peer: {settings}")

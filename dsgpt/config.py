@@ -56,10 +56,21 @@ class ModelSection(Section):
     vocab_size: Optional[int] = None
 
 
+class MixSource(Section):
+    path: str
+    weight: float = Field(gt=0)  # relative: the weights are normalised to sum to 1
+    name: Optional[str] = None  # in val/<name>/loss; None = the dir's name
+
+
 class DataSection(Section):
     # "builtin" is the demo corpus shipped with every Python install, prepared on first use.
     path: str = "builtin"
     builtin_vocab_size: int = 2048
+    # Pretraining on several prepared dirs (one tokenizer) with weights, instead of data.path.
+    mix: Optional[list[MixSource]] = None
+    # Chat (SFT) dirs: pack short examples into each row (true) or one padded example per row
+    # (false); None = as `dsgpt prepare --chat` recorded. Part of the resume fingerprint.
+    pack: Optional[bool] = None
 
 
 class TrainSection(Section):

@@ -148,11 +148,17 @@ def export(run_dir, out_dir, which: str = "latest", overwrite: bool = False) -> 
     check_output_dir(out_dir, overwrite, **_EXPORT_DIR)
     model, cfg, tag = runs.load_model(run_dir, which)
     tok, eos = runs.run_tokenizer(run_dir, cfg, tag, model.config.vocab_size)
-    hf = to_hf_model(model, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    chat = _chat_spec(runs.tokenizer_dir(cfg))
+    # A chat model's replies end with its end-of-turn token: that is the EOS `generate` stops at.
+    end = chat.end_of_turn_id if chat and chat.end_of_turn_id is not None else eos
+    hf = to_hf_model(model, bos_token_id=eos, eos_token_id=end, pad_token_id=eos)
+    if end != eos:
+        hf.generation_config.eos_token_id = [end, eos]
     tmp = temp_dir_beside(out_dir)
     try:
         hf.save_pretrained(tmp, safe_serialization=True)
-        hf_tokenizer(tok, tok.id_to_token(eos), model.config.block_size).save_pretrained(tmp)
+        hf_tokenizer(tok, tok.id_to_token(eos), model.config.block_size, eos_token=tok.id_to_token(end),
+                     chat_template=chat.template.source if chat else None).save_pretrained(tmp)
         for file in tmp.iterdir():
             file.chmod(0o644)  # safetensors writes owner-only files; a model dir is for everyone to read
         check_output_dir(out_dir, overwrite, **_EXPORT_DIR)  # again: something may have appeared meanwhile
@@ -165,15 +171,28 @@ def export(run_dir, out_dir, which: str = "latest", overwrite: bool = False) -> 
     return Exported(out_dir, tag)
 
 
-def hf_tokenizer(tok: Tokenizer, eos_token: str, model_max_length: int) -> transformers.PreTrainedTokenizerFast:
+def hf_tokenizer(tok: Tokenizer, end_of_text: str, model_max_length: int, eos_token: str | None = None,
+                 chat_template: str | None = None) -> transformers.PreTrainedTokenizerFast:
     """`tok` as a transformers fast tokenizer whose bos, eos and pad are the end-of-text token
-    (GPT-2's convention: one special token that separates documents)."""
+    (GPT-2's convention: one special token that separates documents). A chat model's tokenizer
+    carries its `chat_template` and has the end-of-turn token as eos."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
-    return PreTrainedTokenizerFast(
+    out = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(tok.to_str()),  # a copy: transformers edits the one it gets
-        bos_token=eos_token, eos_token=eos_token, pad_token=eos_token, model_max_length=model_max_length,
+        bos_token=end_of_text, eos_token=eos_token or end_of_text, pad_token=end_of_text,
+        model_max_length=model_max_length,
     )
+    if chat_template is not None:
+        out.chat_template = chat_template
+    return out
+
+
+def _chat_spec(data_path: Path):
+    """The chat template and end-of-turn token when the run trained on chat data, else None."""
+    from dsgpt.data.chat import read_spec
+    from dsgpt.data.prepared import data_kind
+    return read_spec(data_path) if data_kind(data_path) == "chat" else None
 
 
 # ---- reading a local HF GPT-2 dir (train.init_from) ------------------------------------------

@@ -190,6 +190,7 @@ def _refuse_damaged(tag_dir: Path, key: str) -> None:
 _FINGERPRINT_KEYS = {
     "model": "the model shape",
     "data_sha256": "the data",
+    "data_pack": "data.pack (packed chat rows or one example per row: other batches)",
     "seed": "run.seed (each step's batch and the dropout masks follow from it)",
 }
 
@@ -252,6 +253,15 @@ def data_dir(data_path: str, builtin_vocab_size: int) -> Path:
     return resolve_path(data_path)
 
 
+def tokenizer_dir(cfg) -> Path:
+    """The data dir whose tokenizer.json a run config's model reads: data.path's, or with data.mix
+    its first source's (every source shares it)."""
+    if cfg.data.mix:
+        from dsgpt.config import resolve_path
+        return resolve_path(cfg.data.mix[0].path)
+    return data_dir(cfg.data.path, cfg.data.builtin_vocab_size)
+
+
 def resolve_checkpoint(run_dir, which: str = "latest"):
     """(run config, tag, GPTConfig) of a run's intact checkpoint, without reading its weights.
 
@@ -304,9 +314,23 @@ def load_model(run_dir, which: str = "latest"):
     return model.eval(), cfg, tag
 
 
+def tokenizer_of(path) -> str:
+    """`path` itself, or for a run dir (runs/NAME) the tokenizer.json of the data it trained on."""
+    run_dir = Path(path).expanduser()
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "checkpoints").is_dir():
+        return str(path)
+    from dsgpt.config import load_config
+    cfg = load_config(str(run_dir / "config.yaml"))
+    file = tokenizer_dir(cfg) / "tokenizer.json"
+    if not file.is_file():
+        raise UserError(f"The run '{run_dir}' was trained on the data in '{file.parent}', which holds no "
+                        "tokenizer.json any more. Restore that data dir, or pass --tokenizer its tokenizer.json.")
+    return str(file)
+
+
 def load_tokenizer_for(cfg):
     from dsgpt.data.tokenizer import load_tokenizer
-    return load_tokenizer(data_dir(cfg.data.path, cfg.data.builtin_vocab_size))
+    return load_tokenizer(tokenizer_dir(cfg))
 
 
 def run_tokenizer(run_dir, cfg, tag: Optional[str] = None, model_vocab: Optional[int] = None):
@@ -316,7 +340,7 @@ def run_tokenizer(run_dir, cfg, tag: Optional[str] = None, model_vocab: Optional
     token ids stand for: that is an error naming the dir, not a guess. With `tag`, the tokenizer
     must be the one that checkpoint recorded; with `model_vocab`, every id must have a row."""
     from dsgpt.data.tokenizer import configured_eos, eos_id, load_tokenizer
-    path = data_dir(cfg.data.path, cfg.data.builtin_vocab_size)
+    path = tokenizer_dir(cfg)
     if not (path / "tokenizer.json").is_file():
         raise UserError(f"The run '{run_dir}' was trained on the data in '{path}' (data.path in its config.yaml), "
                         f"which holds no tokenizer.json any more, and its tokenizer is needed here. Restore that "

@@ -122,3 +122,18 @@ def corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus") / "data"
     prepare([str(src)], out, vocab_size=512, val_fraction=0.2, seed=1, progress=False)
     return out
+
+
+# The pretrained model the fine-tuning tests start from (train.init_from): a tiny GPT trained a
+# little on `corpus`; wide enough (128) to learn the built-in instruction set in a minute.
+PRETRAINED_SHAPE = ("model.n_layer=2", "model.n_head=4", "model.n_embd=128", "model.block_size=64")
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(corpus, tmp_path_factory) -> Path:
+    """The run dir of a tiny GPT pretrained for 40 steps on `corpus`."""
+    out = tmp_path_factory.mktemp("pretrained") / "runs"
+    launch("launch/train.py", ["--config", "configs/tiny.yaml", *tiny_overrides(
+        corpus, out, "pretrained", *PRETRAINED_SHAPE, "train.max_steps=40", "train.micro_batch_size=8",
+        "train.eval_interval=20")], timeout=600)
+    return out / "pretrained"

@@ -39,7 +39,7 @@ def test_the_shipped_results_file_has_one_table_per_section():
 
 
 def test_peers_bench_runs_every_side_on_a_tiny_shape(capsys, monkeypatch):
-    """A smoke run: the real trainer, the HF Trainer + DeepSpeed on 2 ranks and the plain loop each
+    """A smoke run: the real trainer, the HF Trainer + DeepSpeed on 2 ranks, the plain loop and DDP each
     time their steps and the ratios come out (speed itself is for the benchmark, not a test)."""
     from bench import peers
     from conftest import REPO
@@ -48,7 +48,8 @@ def test_peers_bench_runs_every_side_on_a_tiny_shape(capsys, monkeypatch):
                        "model.n_embd=32", "model.n_head=2", "model.block_size=32"]) == 0
     out = capsys.readouterr().out
     assert "dsgpt vs HF Trainer + DeepSpeed" in out and "dsgpt (ZeRO 0) vs a plain PyTorch loop" in out
-    assert out.count("ratio ") == 4
+    assert "dsgpt (ZeRO 0) vs a plain DDP loop over gloo" in out
+    assert out.count("ratio ") == 6
 
 
 def test_throughput_matrix_cells():

@@ -197,3 +197,50 @@ def fit(tok, template: ChatTemplate, messages: list[dict], max_tokens: int) -> t
     if not any(ex.labelled[1:]):
         return None, "no_label_fits"
     return ex, None
+
+
+def turn_ends(ex: Example) -> list[int]:
+    """The last token of each labelled run of `ex`: what ends each reply."""
+    n = len(ex.ids)
+    return [ex.ids[i] for i in range(n) if ex.labelled[i] and (i + 1 == n or not ex.labelled[i + 1])]
+
+
+def end_of_turn(ends) -> int | None:
+    """The token that ends replies under a user's template: the one that ends at least 90% of
+    them (a reply cut to fit ends elsewhere), or None when replies end in no one token."""
+    total = sum(ends.values())
+    if not total:
+        return None
+    token, count = ends.most_common(1)[0]
+    return int(token) if count >= 0.9 * total else None
+
+
+@dataclass
+class ChatSpec:
+    """How a chat data dir frames conversations: its template, and the token that ends a reply
+    (None when the template has no single end-of-turn token; the end-of-text token then ends it)."""
+    template: ChatTemplate
+    end_of_turn_id: int | None
+
+
+def read_spec(data_path, run_dir=None) -> ChatSpec:
+    """The chat template and end-of-turn token of a chat data dir (dsgpt prepare --chat); a
+    UserError when the dir holds pretraining documents, naming `run_dir` when a run led here."""
+    from dsgpt.data.dataset import read_meta
+    path = Path(data_path)
+    try:
+        meta = read_meta(path, "chat")
+    except UserError as err:
+        if run_dir is None:
+            raise
+        raise UserError(f"The run '{run_dir}' was not fine-tuned on chat data, so it knows no chat template "
+                        f"to talk through: {err} Fine-tune it on conversations first (train.init_from with "
+                        "data from `dsgpt prepare --chat`), or sample it with `dsgpt generate`.") from None
+    file = path / meta.get("chat_template", "chat_template.jinja")
+    try:
+        source = file.read_text(encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"Cannot read the chat template {file} ({err.strerror}): the data directory is "
+                        "damaged. Prepare it again with `dsgpt prepare --chat ... --overwrite`.") from None
+    eot = meta.get("end_of_turn_id")
+    return ChatSpec(ChatTemplate(source, name=f"The chat template {file}"), None if eot is None else int(eot))

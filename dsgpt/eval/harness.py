@@ -164,18 +164,21 @@ def score(lm, cfg, tok, eos: int, tasks: list[Task], examples: dict, opts: EvalO
 
 
 def _lm_task(lm, cfg, tok, opts: EvalOptions, progress: bool) -> dict:
-    from dsgpt.data.dataset import TokenData
+    from dsgpt.data.prepared import open_run_data
     from dsgpt.eval.bpb import bits_per_byte
-    from dsgpt.eval.perplexity import evaluate, val_set_size
-    from dsgpt.runs import data_dir
-    data = TokenData(data_dir(cfg.data.path, cfg.data.builtin_vocab_size), lm.config.block_size, cfg.run.seed)
+    from dsgpt.eval.perplexity import evaluate_data, val_set_size
+    data = open_run_data(cfg, lm.config.block_size)
     n_windows, bs = val_set_size(cfg, opts.batches)
     # The trainer's windows, each rank its share (ZeRO-3 too: every rank gets as many batches).
-    res = evaluate(lm.forward, data.val_batches(n_windows, opts.batch_size or bs, lm.rank, lm.world_size), lm.device)
-    bpb = bits_per_byte(lm, data, tok, opts.max_docs, progress=progress)
+    res, per_source = evaluate_data(lm.forward, data, n_windows, opts.batch_size or bs, lm.rank, lm.world_size,
+                                    lm.device)
     lm_scores = {"loss": res.loss, "ppl": res.ppl, "accuracy": res.accuracy, "tokens": res.tokens,
-                 "bpb": bpb.bpb, "bpb_documents": bpb.documents, "bpb_bytes": bpb.bytes, "bpb_tokens": bpb.tokens,
-                 "bpb_stride": bpb.stride}
+                 **{f"{name}/loss": r.loss for name, r in per_source.items()}}
+    # bpb is over whole documents of one dir; a chat dir's loss counts the replies only.
+    if not data.masks_labels and not per_source:
+        bpb = bits_per_byte(lm, data, tok, opts.max_docs, progress=progress)
+        lm_scores.update({"bpb": bpb.bpb, "bpb_documents": bpb.documents, "bpb_bytes": bpb.bytes,
+                          "bpb_tokens": bpb.tokens, "bpb_stride": bpb.stride})
     # The flat keys are what eval results held before tasks existed; readers rely on them.
     return {"val/loss": res.loss, "val/ppl": res.ppl, "val/accuracy": res.accuracy, "tokens": res.tokens,
             "lm": lm_scores}

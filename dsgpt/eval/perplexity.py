@@ -52,3 +52,18 @@ def val_set_size(cfg, batches=None) -> tuple[int, int]:
     the trainer on any world size and `dsgpt eval` score the same windows."""
     batch_size = cfg.eval.batch_size or cfg.train.micro_batch_size
     return (batches or cfg.train.eval_batches) * batch_size, batch_size
+
+
+def evaluate_data(engine, data, n_windows: int, batch_size: int, rank: int, world: int,
+                  device) -> tuple[EvalResult, dict[str, EvalResult]]:
+    """The validation result of a run's data, and one per source for a mixture (data.mix), whose
+    overall loss and accuracy are the sources' averaged with the mixture's weights."""
+    if not hasattr(data, "val_sources"):
+        return evaluate(engine, data.val_batches(n_windows, batch_size, rank, world), device), {}
+    per = {s.name: evaluate(engine, s.data.val_batches(n_windows, batch_size, rank, world), device)
+           for s in data.val_sources()}
+    weights = {s.name: s.weight for s in data.val_sources()}
+    overall = EvalResult(loss=sum(weights[k] * r.loss for k, r in per.items()),
+                         accuracy=sum(weights[k] * r.accuracy for k, r in per.items()),
+                         tokens=sum(r.tokens for r in per.values()))
+    return overall, per

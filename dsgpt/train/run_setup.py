@@ -6,7 +6,6 @@ from __future__ import annotations
 from dsgpt import dist
 from dsgpt.config import Config
 from dsgpt.errors import UserError
-from dsgpt.runs import data_dir
 
 
 def apply_tf32(cfg: Config, ctx) -> None:
@@ -27,14 +26,9 @@ def check_precision(cfg: Config) -> None:
 
 
 def open_data(cfg: Config):
-    """The token data; the built-in corpus is prepared on first use by one process, others wait."""
-    from dsgpt.data.builtin import BUILTIN, ensure_builtin
-    from dsgpt.data.dataset import TokenData
-    path = data_dir(cfg.data.path, cfg.data.builtin_vocab_size)
-    if cfg.data.path == BUILTIN:
-        ensure_builtin(path, cfg.data.builtin_vocab_size)
-    block_size = model_config(cfg, vocab_size=None).block_size
-    return TokenData(path, block_size=block_size, seed=cfg.run.seed)
+    """The run's data (dsgpt.data.prepared.open_run_data) for this model's block size."""
+    from dsgpt.data.prepared import open_run_data
+    return open_run_data(cfg, model_config(cfg, vocab_size=None).block_size)
 
 
 def model_config(cfg: Config, vocab_size):
@@ -64,5 +58,6 @@ def fingerprint(mcfg, data, seed: int) -> dict:
         "model": {k: getattr(mcfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")},
         "data_sha256": data.meta.get("data_sha256"),
         "vocab_sha256": data.meta.get("vocab_sha256"),  # eval, generate and export check their tokenizer
+        "data_pack": getattr(data, "pack", None),  # chat rows are packed or not: other batches either way
         "seed": seed,
     }

@@ -155,6 +155,9 @@ class Run:
         self.engine, ds_config = build_engine(model, cfg, ds_config, ctx.on_gpu)
         self.device = ctx.device
         self._announce(describe_engine(self.engine))
+        if hasattr(self.data, "sources"):
+            self.console(_mixture_line(self.data, cfg.train.max_steps, self.t.micro_batch_size * self.t.grad_accum_steps
+                                       * ctx.world_size * self.mcfg.block_size))
 
         self.state = RunState()
         if relayout:
@@ -183,6 +186,8 @@ class Run:
                                                                self.data.meta.get("data_sha256", "")))
         # Rows past the resumed step were logged by a launch that died before saving: drop them.
         self.log = MetricsLogger(self.run_dir, enabled=ctx.is_main, resume_step=self.state.step)
+        if ctx.is_main and self.first_step == 1:
+            _log_data_reports(self.log, self.data)
         self.flops_per_token = flops_per_token(self.mcfg)
         self.peak_flops = peak_flops(ctx.device_type, cfg.precision, cfg.tf32)
         self.tokens_per_step = (self.t.micro_batch_size * self.t.grad_accum_steps * ctx.world_size
@@ -296,11 +301,11 @@ class Run:
 
     def evaluate(self, step: int) -> bool:
         """Validation loss now; True when it is the best so far (by more than early_stop_min_delta)."""
-        from dsgpt.eval.perplexity import evaluate, val_set_size
+        from dsgpt.eval.perplexity import evaluate_data, val_set_size
         # The same windows on 1 rank, on N ranks and in launch/eval.py; each rank scores its share.
         n_windows, batch_size = val_set_size(self.cfg)
-        res = evaluate(self.engine, self.data.val_batches(n_windows, batch_size, self.ctx.rank, self.ctx.world_size),
-                       self.device)
+        res, per_source = evaluate_data(self.engine, self.data, n_windows, batch_size, self.ctx.rank,
+                                        self.ctx.world_size, self.device)
         s = self.state
         s.val_loss = res.loss
         improved = s.best_val_loss is None or res.loss < s.best_val_loss - self.t.early_stop_min_delta
@@ -308,7 +313,8 @@ class Run:
             s.best_val_loss, s.best_step, s.evals_since_best = res.loss, step, 0
         else:
             s.evals_since_best += 1
-        self.log.log(step, {"val/loss": res.loss, "val/ppl": res.ppl, "val/accuracy": res.accuracy})
+        self.log.log(step, {"val/loss": res.loss, "val/ppl": res.ppl, "val/accuracy": res.accuracy,
+                            **{f"val/{name}/loss": r.loss for name, r in per_source.items()}})
         self.console(f"step {step}: val loss {res.loss:.4f}, ppl {res.ppl:.2f}, acc {res.accuracy:.3f}")
         return improved
 
@@ -371,6 +377,21 @@ class Run:
     def console(self, msg: str) -> None:
         if self.ctx.is_main:
             _console(msg)
+
+
+def _log_data_reports(log, data) -> None:
+    """Each data dir's preparation report (report.json, when prepare wrote one) as TensorBoard text."""
+    sources = [(s.name, s.data.path) for s in data.sources] if hasattr(data, "sources") else [("data", data.path)]
+    for name, path in sources:
+        report = path / "report.json"
+        if report.is_file():
+            log.text(0, f"data/{name}/report", "```\n" + report.read_text(encoding="utf-8")[:20000] + "\n```")
+
+
+def _mixture_line(data, max_steps: int, tokens_per_step: int) -> str:
+    epochs = data.epochs(max_steps, tokens_per_step)
+    parts = [f"{s.name} {s.weight:.0%} ({epochs[s.name]:.2f} epochs)" for s in data.sources]
+    return f"data.mix over {max_steps} steps: " + ", ".join(parts)
 
 
 def _loss_scale_message(step: int, last_saved: int, engine) -> str:

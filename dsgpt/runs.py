@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from dsgpt.data.builtin import data_dir
 from dsgpt.errors import UserError
 
 TAG_RE = re.compile(r"^step(\d{7,})$")
@@ -237,20 +238,6 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict:
         with contextlib.redirect_stdout(io.StringIO()):  # it narrates on stdout; keep stdout for results
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     return {k: v.float() for k, v in sd.items()}
-
-
-def cache_dir() -> Path:
-    import os
-    return Path(os.environ.get("DSGPT_CACHE", Path.home() / ".cache" / "dsgpt"))
-
-
-def data_dir(data_path: str, builtin_vocab_size: int) -> Path:
-    """Where a config's data lives; `builtin` maps to a per-vocab folder in the cache."""
-    from dsgpt.config import resolve_path
-    from dsgpt.data.builtin import BUILTIN
-    if data_path == BUILTIN:
-        return cache_dir() / f"builtin-v{builtin_vocab_size}"
-    return resolve_path(data_path)
 
 
 def tokenizer_dir(cfg) -> Path:

@@ -111,3 +111,16 @@ def _check_vocab(out_dir: Path, vocab_size: int) -> None:
             f"{meta.get('requested_vocab_size')}, but {vocab_size} was asked for. Delete {out_dir} "
             "to prepare it again, or use a different data directory for each vocab size."
         )
+
+
+def cache_dir() -> Path:
+    """Where dsgpt keeps what it prepares on first use (DSGPT_CACHE, default ~/.cache/dsgpt)."""
+    return Path(os.environ.get("DSGPT_CACHE", Path.home() / ".cache" / "dsgpt"))
+
+
+def data_dir(data_path: str, builtin_vocab_size: int) -> Path:
+    """Where a config's data lives; `builtin` maps to a per-vocab folder in the cache."""
+    from dsgpt.config import resolve_path
+    if data_path == BUILTIN:
+        return cache_dir() / f"builtin-v{builtin_vocab_size}"
+    return resolve_path(data_path)

@@ -32,8 +32,7 @@ def open_run_data(cfg, block_size: int):
     """A run config's data: token windows for pretraining, SFT examples for a chat dir (meta.json's
     kind), or a mixture of pretraining dirs (data.mix). The built-in corpus is prepared on first
     use by one process; the others wait."""
-    from dsgpt.data.builtin import BUILTIN, ensure_builtin
-    from dsgpt.runs import data_dir
+    from dsgpt.data.builtin import BUILTIN, data_dir, ensure_builtin
     if cfg.data.mix is not None:
         return _open_mixture(cfg, block_size)
     path = data_dir(cfg.data.path, cfg.data.builtin_vocab_size)

@@ -270,6 +270,9 @@ def exit_rank(code: int) -> None:
     import logging
     atexit._run_exitfuncs()
     logging.shutdown()
+    mpi = sys.modules.get("mpi4py.MPI")  # mpirun counts a rank that never finalized MPI as failed
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

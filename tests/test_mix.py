@@ -81,6 +81,10 @@ def test_mixture_runs_resume_exactly_and_match_across_ranks(corpus, second, tmp_
     assert [r["step"] for r in val] == [4, 8]
     for r in val:  # the run's val loss is the sources' averaged with the weights
         assert r["val/loss"] == pytest.approx(0.7 * r["val/first/loss"] + 0.3 * r["val/second/loss"], rel=1e-9)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "straight" / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert {"data/first/report/text_summary", "data/second/report/text_summary"} <= set(events.Tags()["tensors"])
 
 
 def test_changed_weights_refuse_to_resume(corpus, second, tmp_path):

@@ -113,9 +113,6 @@ class MixedData:
 
     # ---- validation -----------------------------------------------------------------------
 
-    def val_sources(self) -> list[Source]:
-        return self.sources
-
     def val_batches(self, n_windows: int, batch_size: int, rank: int,
                     world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every source's validation windows in turn (samples, `dsgpt eval` over the whole mixture)."""

@@ -58,8 +58,6 @@ def _open_mixture(cfg, block_size: int):
         if name in names:
             raise UserError(f"data.mix names two sources '{name}'; give each a distinct name: "
                             "{path: DIR, weight: W, name: NAME}.")
-        if data_kind(path) == "chat":
-            raise UserError(f"data.mix: '{path}' holds chat examples; data.mix mixes pretraining dirs only.")
         names.add(name)
         sources.append((name, path, entry.weight))
     return MixedData(sources, block_size, cfg.run.seed)

@@ -58,11 +58,11 @@ def evaluate_data(engine, data, n_windows: int, batch_size: int, rank: int, worl
                   device) -> tuple[EvalResult, dict[str, EvalResult]]:
     """The validation result of a run's data, and one per source for a mixture (data.mix), whose
     overall loss and accuracy are the sources' averaged with the mixture's weights."""
-    if not hasattr(data, "val_sources"):
+    sources = getattr(data, "sources", None)  # a mixture's (dsgpt.data.mixture)
+    if sources is None:
         return evaluate(engine, data.val_batches(n_windows, batch_size, rank, world), device), {}
-    per = {s.name: evaluate(engine, s.data.val_batches(n_windows, batch_size, rank, world), device)
-           for s in data.val_sources()}
-    weights = {s.name: s.weight for s in data.val_sources()}
+    per = {s.name: evaluate(engine, s.data.val_batches(n_windows, batch_size, rank, world), device) for s in sources}
+    weights = {s.name: s.weight for s in sources}
     overall = EvalResult(loss=sum(weights[k] * r.loss for k, r in per.items()),
                          accuracy=sum(weights[k] * r.accuracy for k, r in per.items()),
                          tokens=sum(r.tokens for r in per.values()))

@@ -155,9 +155,6 @@ class Run:
         self.engine, ds_config = build_engine(model, cfg, ds_config, ctx.on_gpu)
         self.device = ctx.device
         self._announce(describe_engine(self.engine))
-        if hasattr(self.data, "sources"):
-            self.console(_mixture_line(self.data, cfg.train.max_steps, self.t.micro_batch_size * self.t.grad_accum_steps
-                                       * ctx.world_size * self.mcfg.block_size))
 
         self.state = RunState()
         if relayout:
@@ -192,6 +189,8 @@ class Run:
         self.peak_flops = peak_flops(ctx.device_type, cfg.precision, cfg.tf32)
         self.tokens_per_step = (self.t.micro_batch_size * self.t.grad_accum_steps * ctx.world_size
                                 * self.mcfg.block_size)
+        if hasattr(self.data, "sources"):
+            self.console(_mixture_line(self.data, self.t.max_steps, self.tokens_per_step))
         self.losses: dict[int, float] = {}
         self.grad_norms: dict[int, float] = {}
         self.last_saved = self.state.step

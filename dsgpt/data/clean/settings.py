@@ -43,26 +43,24 @@ def _fraction(default: float, what: str):
     return Field(default, ge=0.0, le=1.0, description=what)
 
 
-class WordCount(_Rule):
+class _Range(_Rule):
+    """A rule with a `min` and a `max` (declared by the subclass) that must be in order."""
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not be above max ({self.max})")
+        return self
+
+
+class WordCount(_Range):
     min: int = Field(50, ge=0, description="fewest words a document may have")
     max: int = Field(100_000, ge=1, description="most words a document may have")
 
-    @model_validator(mode="after")
-    def _ordered(self):
-        if self.min > self.max:
-            raise ValueError(f"min ({self.min}) must not be above max ({self.max})")
-        return self
 
-
-class MeanWordLength(_Rule):
+class MeanWordLength(_Range):
     min: float = Field(3.0, ge=0.0, description="shortest mean word length, in characters")
     max: float = Field(10.0, gt=0.0, description="longest mean word length, in characters")
-
-    @model_validator(mode="after")
-    def _ordered(self):
-        if self.min > self.max:
-            raise ValueError(f"min ({self.min}) must not be above max ({self.max})")
-        return self
 
 
 class SymbolRatio(_Rule):

@@ -1,7 +1,10 @@
 """A training run, top to bottom: set up, resume, loop, evaluate, checkpoint, stop.
 
-`train()` is the loop a reader should be able to hold in one screen; `Run` owns the pieces it
-calls (engine, data, state, logging), each a method a test can reason about on its own.
+`train()` is the loop a reader should be able to hold in one screen; `Run` holds the engine and the
+run's state and calls the parts that live in their own modules: the data loader that owns the
+position in the data (dsgpt.data.loader.StepLoader), the step (step.train_step), the training curve
+and when it is read back (step_metrics.StepMetrics), checkpoints (checkpoint), evaluation
+(dsgpt.eval.perplexity), profiling, sweep pruning and task evaluations.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from dsgpt.config import Config, save_config
 from dsgpt.data.loader import StepLoader
 from dsgpt.errors import UserError
 from dsgpt.io import atomic_write_json
-from dsgpt.metrics import Throughput
 from dsgpt.train import checkpoint, provenance, reshard, rng, run_setup, signals
 from dsgpt.train.run_setup import check_precision, fingerprint, model_config, open_data
 from dsgpt.train.step import LOSS_SCALE_AT_MINIMUM, step_outcome
+from dsgpt.train.step_metrics import StepMetrics
 from dsgpt.train.profiling import StepProfiler
 from dsgpt.train.task_evals import TaskEvals
 from dsgpt.train.pruning import TrialPruning
@@ -129,8 +132,7 @@ class Run:
 
     def __init__(self, cfg: Config, ctx: dist.DistContext, argv: list[str]):
         from dsgpt.ds_config import resolve_ds_config
-        from dsgpt.metrics import MetricsLogger, peak_flops
-        from dsgpt.model import flops_per_token
+        from dsgpt.metrics import MetricsLogger
         from dsgpt.train.engine import build_engine, describe_engine
         from dsgpt.zero import build_model
 
@@ -185,20 +187,15 @@ class Run:
         self.log = MetricsLogger(self.run_dir, enabled=ctx.is_main, resume_step=self.state.step)
         if ctx.is_main and self.first_step == 1:
             _log_data_reports(self.log, self.data)
-        self.flops_per_token = flops_per_token(self.mcfg)
-        self.peak_flops = peak_flops(ctx.device_type, cfg.precision, cfg.tf32)
         self.tokens_per_step = (self.t.micro_batch_size * self.t.grad_accum_steps * ctx.world_size
                                 * self.mcfg.block_size)
         if hasattr(self.data, "sources"):
             self.console(_mixture_line(self.data, self.t.max_steps, self.tokens_per_step))
-        self.losses: dict[int, float] = {}
-        self.grad_norms: dict[int, float] = {}
         self.last_saved = self.state.step
         self.loader = StepLoader(self.data, ctx.rank, ctx.world_size, self.t.micro_batch_size,
                                  self.t.grad_accum_steps, self.first_step, self.t.max_steps, ctx.device)
-        self.meter = Throughput()
+        self.metrics = StepMetrics(self.log, cfg, ctx, self.mcfg, self.tokens_per_step, self.first_step, self.console)
         self.start_time = time.time()
-        self.progress = _progress(ctx.is_main, self.first_step, self.t.max_steps)
         self.engine.train()
 
     # ---- set-up checks ------------------------------------------------------------------------
@@ -246,10 +243,8 @@ class Run:
             if LOSS_SCALE_AT_MINIMUM in str(err):
                 raise UserError(_loss_scale_message(step, self.last_saved, self.engine)) from None
             raise
-        self.meter.add(self.tokens_per_step, time.perf_counter() - t0)
+        self.metrics.timed(time.perf_counter() - t0)
         self.state.step = step
-        if self.progress:
-            self.progress.update(1)
         outcome = step_outcome(res.loss, self.engine.was_step_applied(), self.cfg.precision)
         if outcome == "nonfinite":
             self.state.skipped_steps += 1
@@ -261,9 +256,7 @@ class Run:
             self.log.log(step, {"train/overflow_skips": self.state.overflow_skips})
         self.state.skipped_steps = 0
         self.state.tokens_seen += self.tokens_per_step
-        self.losses[step] = res.loss
-        if _due(step, self.t.log_interval):
-            self._log_train(step, res.loss, lr)
+        self.metrics.record(step, res.loss, lr, self.state.tokens_seen, self.engine)
         return True
 
     def give_up_on_nonfinite(self, step: int) -> bool:
@@ -272,31 +265,6 @@ class Run:
                          f"{self.state.skipped_steps} non-finite step(s) in a row)")
             return True
         return False
-
-    def _log_train(self, step: int, loss: float, lr: float) -> None:
-        from dsgpt.metrics import memory_stats
-        tok_s, seconds = self.meter.window()  # averages since the last log: no single step's noise
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            self.grad_norms[step] = float(grad_norm)
-        scalars = {
-            "train/loss": loss, "train/lr": lr,
-            "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "train/tokens_per_sec": tok_s, "train/step_time": seconds,
-            "train/mfu": (self.flops_per_token * tok_s / (self.peak_flops * self.ctx.world_size)
-                          if self.peak_flops else None),
-            "train/tokens_seen": self.state.tokens_seen,
-        }
-        if self.cfg.precision == "fp16":
-            opt = self.engine.optimizer
-            scalars["train/loss_scale"] = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
-        scalars.update(memory_stats(self.ctx.device_type))
-        self.log.log(step, scalars)
-        if self.progress:
-            self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-        elif _due(step, max(1, self.t.max_steps // 20)):
-            # No terminal (a batch job's log): a plain line every 5% instead of a bar.
-            self.console(f"step {step}/{self.t.max_steps}: loss {loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tokens/s")
 
     def evaluate(self, step: int) -> bool:
         """Validation loss now; True when it is the best so far (by more than early_stop_min_delta)."""
@@ -356,8 +324,7 @@ class Run:
 
     def finish(self, reason: str) -> RunSummary:
         from dsgpt.train.engine import describe_engine
-        if self.progress:
-            self.progress.close()
+        self.metrics.close()
         s = self.state
         nan = float("nan")
         self.log.hparams(_hparams(self.cfg, self.mcfg),
@@ -368,7 +335,7 @@ class Run:
         self.log.close()
         dist.barrier()
         return RunSummary(run_dir=self.run_dir, first_step=self.first_step, last_step=s.step,
-                          stop_reason=reason, losses=self.losses, grad_norms=self.grad_norms,
+                          stop_reason=reason, losses=self.metrics.losses, grad_norms=self.metrics.grad_norms,
                           val_loss=s.val_loss,
                           best_val_loss=s.best_val_loss,
                           engine=describe_engine(self.engine))  # now: the optimizer state exists
@@ -417,14 +384,6 @@ def _params_finite(engine, device) -> bool:
 def _console(msg: str) -> None:
     from tqdm import tqdm
     tqdm.write(msg, file=sys.stdout)
-
-
-def _progress(enabled: bool, first: int, last: int):
-    if not (enabled and sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-    return tqdm(total=last, initial=first - 1, desc="train", unit="step", dynamic_ncols=True,
-                mininterval=1.0, file=sys.stderr)
 
 
 def _hparams(cfg: Config, mcfg) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.common import append_row
 
 
@@ -64,6 +66,19 @@ def test_throughput_matrix_cells():
     assert parse_matrix([]) == [{}]
 
 
+def test_throughput_scaling_axes():
+    from bench.throughput import cell_overrides, parse_matrix
+    cells = parse_matrix(["block=256,2048", "width=128,512"])
+    assert len(cells) == 4
+    overrides, label = cell_overrides({"block": "2048", "width": "512"})
+    assert overrides == ["model.block_size=2048", "model.n_embd=512", "model.n_head=8"]
+    assert label == "block=2048 width=512"
+    with pytest.raises(SystemExit, match="multiples of 64"):
+        parse_matrix(["width=100"])
+    with pytest.raises(SystemExit, match="integers"):
+        parse_matrix(["block=big"])
+
+
 def test_throughput_bench_times_the_real_trainer(capsys, monkeypatch):
     from bench import throughput
     from conftest import REPO
@@ -72,3 +87,90 @@ def test_throughput_bench_times_the_real_trainer(capsys, monkeypatch):
                             "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "--matrix", "ac=off,on"]) == 0
     out = capsys.readouterr().out
     assert out.count("tokens/s") == 2 and "ac=on" in out and "MFU" in out
+
+
+def test_sync_count_names_the_phase_and_both_call_sites():
+    import traceback
+    from pathlib import Path
+
+    import deepspeed
+
+    from bench.sync_count import REPO, call_site
+    ds_engine = str(Path(deepspeed.__file__).parent / "runtime" / "engine.py")
+    frame = traceback.FrameSummary
+    stack = [frame(str(REPO / "dsgpt" / "train" / "trainer.py"), 80, "train", lookup_line=False),
+             frame(str(REPO / "dsgpt" / "train" / "trainer.py"), 240, "train_step", lookup_line=False),
+             frame(str(REPO / "dsgpt" / "train" / "step.py"), 45, "train_step", lookup_line=False),
+             frame(ds_engine, 2100, "step", lookup_line=False)]
+    assert call_site(stack) == ("step", "dsgpt/train/step.py:45 train_step", "deepspeed/runtime/engine.py:2100 step")
+    stop = [stack[0], frame(str(REPO / "dsgpt" / "train" / "trainer.py"), 300, "stop_reason", lookup_line=False),
+            frame(str(REPO / "dsgpt" / "dist.py"), 90, "all_reduce_max", lookup_line=False)]
+    assert call_site(stop) == ("stop check", "dsgpt/dist.py:90 all_reduce_max", "-")
+
+
+def test_sync_counter_counts_sync_warnings_and_passes_the_rest_on():
+    import warnings
+
+    from bench.sync_count import SYNC_WARNING, SyncCounter
+    before = warnings.showwarning
+    with pytest.warns(UserWarning, match="something else"):
+        with SyncCounter() as counter:
+            for _ in range(3):
+                warnings.warn(f"Module: {SYNC_WARNING}", UserWarning)  # torch's wording, from one place
+            warnings.warn("something else", UserWarning)
+    assert sum(counter.counts.values()) == 3 and len(counter.counts) == 1
+    assert warnings.showwarning is before
+
+
+def test_sync_count_says_it_needs_a_gpu(monkeypatch, capsys):
+    import torch
+
+    from bench import sync_count
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sync_count.main(["--config", "configs/gpt2-124m.yaml"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_matmul_peak_measures_each_mode(capsys):
+    from bench import matmul_peak
+    assert matmul_peak.main(["--n", "64", "--repeats", "2", "--modes", "fp32,tf32", "--no-record"]) == 0
+    out = capsys.readouterr().out
+    assert "fp32: " in out and "tf32: " in out and "TFLOP/s at n=64" in out
+    assert matmul_peak.measure("fp32", 32, 1, on_gpu=False) > 0
+
+
+def test_matmul_peak_refuses_an_unknown_mode(capsys):
+    from bench import matmul_peak
+    assert matmul_peak.main(["--modes", "fp8", "--no-record"]) == 2
+    assert "--modes takes bf16, fp16, tf32, fp32 (got fp8)" in capsys.readouterr().err
+
+
+def test_mfu_cell_adds_the_share_of_the_measured_matmul_rate():
+    from bench.throughput import mfu_cell
+    assert mfu_cell(None, None) == "n/a"
+    assert mfu_cell(0.25, None) == "25.0%"
+    assert mfu_cell(0.25, (1000e12, 800e12)) == "25.0% (31.2% of measured)"
+
+
+def test_gpu_suite_names_real_scripts_and_configs_that_load():
+    """The GPU suite runs only where a GPU is lent: here its commands are checked to name scripts that
+    exist and configs whose overrides load, so a typo does not wait for a GPU to show."""
+    import re
+    import shlex
+    import subprocess
+
+    from conftest import REPO
+    from dsgpt.config import load_config
+    text = (REPO / "bench" / "gpu_suite.sh").read_text()
+    data = shlex.split(re.search(r'^DATA="(.*)"$', text, re.M).group(1))
+    commands = [shlex.split(c) for c in re.findall(r"^\s+\$PY (bench/\S+\.py.*)$", text.replace("\\\n", " "), re.M)]
+    assert len(commands) >= 5
+    for cmd in commands:
+        assert (REPO / cmd[0]).is_file(), cmd[0]
+        args = cmd[1:cmd.index("--matrix")] if "--matrix" in cmd else cmd[1:]  # matrix axes are not keys
+        if "--config" in args:
+            args = [a for a in args if a != "$DATA"] + (data if "$DATA" in args else [])
+            overrides = [a for a in args if "=" in a and not a.startswith("--")]
+            load_config(str(REPO / args[args.index("--config") + 1]), overrides)
+    usage = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh")], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: bash bench/gpu_suite.sh smoke|bench" in usage.stderr

@@ -1,0 +1,32 @@
+#!/bin/bash
+# The GPU checks in one go, on a machine with CUDA GPUs and dsgpt's dependencies installed:
+#
+#   bash bench/gpu_suite.sh smoke   # the GPU tests (bf16/fp16 over NCCL, ZeRO 0/2/3), the matmul rate
+#   bash bench/gpu_suite.sh bench   # host syncs of a step, MFU of the GPT-2 presets (bf16, block 1024)
+#
+# Every figure goes to bench/RESULTS.md. PYTHON picks the interpreter (default: python). The built-in
+# corpus stands in for real data: the presets train on it with GPT-2's padded vocabulary size.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+DATA="data.path=builtin model.vocab_size=50304 precision=bf16 train.grad_accum_steps=1"
+
+case "${1:-}" in
+smoke)
+    $PY -m pytest -q -m gpu tests/test_gpu.py
+    $PY bench/matmul_peak.py
+    ;;
+bench)
+    $PY bench/sync_count.py --config configs/gpt2-124m.yaml --steps 30 $DATA
+    $PY bench/throughput.py --config configs/gpt2-124m.yaml --steps 10 $DATA model.compile=true \
+        --matrix micro=16,32
+    $PY bench/throughput.py --config configs/gpt2-350m.yaml --steps 10 $DATA model.compile=true \
+        --matrix micro=16
+    $PY bench/throughput.py --config configs/gpt2-1.5b.yaml --steps 10 $DATA model.compile=true \
+        deepspeed.zero_stage=1 model.activation_checkpointing=false --matrix micro=8
+    ;;
+*)
+    echo "usage: bash bench/gpu_suite.sh smoke|bench (see the top of this file)" >&2
+    exit 2
+    ;;
+esac

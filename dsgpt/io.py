@@ -80,3 +80,29 @@ def check_output_dir(out_dir: Path, overwrite: bool, marker: str, kind: str, fla
     if not (out_dir / marker).is_file():
         raise UserError(f"The output directory '{out_dir}' is not empty and holds no {marker}, so it is not "
                         f"{kind}; refusing to replace it even with --overwrite. Choose another {flag}.")
+
+
+
+def read_jsonl(f, where, hint: str):
+    """(n, record) for each non-blank line n of a JSON Lines file `f`, opened by the caller as
+    UTF-8 text (its message for a missing file knows which option named it). A line that is not
+    JSON, or bytes that are not UTF-8, are a UserError naming the file and line (`where(n)`);
+    `hint` ends the JSON message with what each line should hold."""
+    from dsgpt.errors import UserError
+    n = 0
+    while True:
+        try:
+            line = f.readline()
+        except UnicodeDecodeError:  # decoded in chunks: the bad byte is at or a little after line n + 1
+            raise UserError(f"{f.name} is not valid UTF-8 (near line {n + 1}). Convert it to UTF-8 "
+                            "(e.g. `iconv -f latin1 -t utf-8`) or leave it out.") from None
+        if not line:
+            return
+        n += 1
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where(n)} is not valid JSON ({err.msg} at column {err.colno}). {hint}") from None
+        yield n, record

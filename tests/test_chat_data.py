@@ -164,6 +164,11 @@ def test_bad_inputs_are_user_errors_or_counted_skips(tmp_path, capsys):
         with pytest.raises(UserError, match=pattern):
             prepare_chat([src], tmp_path / name, block_size=64, vocab_size=300, progress=False)
         assert not (tmp_path / name).exists()
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"prompt": "caf\u00e9", "response": "oui"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1\.jsonl is not valid UTF-8 \(near line 1\)"):
+        prepare_chat([latin1], tmp_path / "latin1", block_size=64, vocab_size=300, progress=False)
+    assert not (tmp_path / "latin1").exists()
     # empty conversations and ones without a reply are skipped, counted, and reported
     src = write_jsonl(tmp_path / "skips.jsonl", [*good, {"messages": []}, {"messages": [], "x": 1},
                                                  {"messages": [{"role": "user", "content": "hi"}]}])

@@ -193,9 +193,12 @@ def test_unknown_task_names_the_closest(runs, capsys):
     ('{"prompt": "a", "reference": "b"}\n\n{"prompt": "a"\n', ["line 3 of", "not valid JSON"]),
     ('{"prompt": "a", "reference": "b"}\n{"prompt": "a"}\n', ["line 2 of", '"reference"']),
     ('["a", "b"]\n', ["line 1 of", "list"]),
-], ids=["missing", "bad-json", "missing-field", "not-an-object"])
+    ('{"prompt": "caf\u00e9", "reference": "b"}\n'.encode("latin-1"), ["not valid UTF-8 (near line 1)"]),
+], ids=["missing", "bad-json", "missing-field", "not-an-object", "not-utf8"])
 def test_bad_generation_file(runs, tmp_path, capsys, content, needles):
     path = tmp_path / "tasks.jsonl"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     one_error(*dsgpt_eval(capsys, "--run", runs["fresh"], "--tasks", f"gen:{path}")[::2], str(path), *needles)

@@ -17,13 +17,13 @@ counted under SKIP_REASONS.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from dsgpt.errors import UserError
+from dsgpt.io import read_jsonl
 
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 ROLE_MARKERS = (SYSTEM, USER, ASSISTANT, END)
@@ -126,16 +126,10 @@ def read_conversations(path) -> Iterator[tuple[str, int, list[dict] | None]]:
     except OSError as err:
         raise UserError(f"Cannot read chat input {path}: {err.strerror}. Check --input.") from None
     with f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                raise UserError(f"{where} is not valid JSON ({err}). Each line must be one JSON object; "
-                                "fix or remove that line.") from None
-            yield str(path), number, _messages(record, where)
+        def where(n):
+            return f"{path}, line {n}"
+        for number, record in read_jsonl(f, where, "Each line must be one JSON object; fix or remove that line."):
+            yield str(path), number, _messages(record, where(number))
 
 
 def _messages(record, where: str) -> list[dict] | None:

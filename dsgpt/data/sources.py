@@ -14,13 +14,13 @@ documents whatever the separator.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Iterator, Optional
 
 from dsgpt.errors import UserError
+from dsgpt.io import read_jsonl
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
@@ -189,28 +189,9 @@ def _read_text(path: Path) -> str:
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="strict") as f:
-        lineno = 0
-        while True:
-            try:
-                line = f.readline()
-            except UnicodeDecodeError:
-                raise UserError(
-                    f"File {path} is not valid UTF-8 near line {lineno + 1}. Convert it to UTF-8."
-                ) from None
-            if not line:
-                return
-            lineno += 1
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(
-                    f"{path} line {lineno} is not valid JSON ({err.msg} at column {err.colno}). "
-                    "A .jsonl file needs one JSON object per line."
-                ) from None
-            yield from _field_text(record, text_field, f"{path} line {lineno}")
+    with open(path, encoding="utf-8") as f:
+        for n, record in read_jsonl(f, lambda n: f"{path} line {n}", "A .jsonl file needs one JSON object per line."):
+            yield from _field_text(record, text_field, f"{path} line {n}")
 
 
 def _field_text(record, text_field: str, where: str) -> Iterator[str]:

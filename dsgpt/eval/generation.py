@@ -8,11 +8,11 @@ an EOS. Decoding is greedy by default and stops at EOS or after max_new_tokens.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from dsgpt.errors import UserError
+from dsgpt.io import read_jsonl
 from dsgpt.eval.text_metrics import score_texts
 
 
@@ -29,16 +29,10 @@ def read_examples(path) -> list[Example]:
         raise UserError(f"The generation task file '{path}' does not exist. Pass gen:FILE.jsonl with a JSONL "
                         f"file of {{\"prompt\": ..., \"reference\": ...}} objects, one per line.")
     examples = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, encoding="utf-8") as f:
+        for n, obj in read_jsonl(f, lambda n: f"line {n} of '{path}'", "Each line must be one object like "
+                                 "{\"prompt\": \"...\", \"reference\": \"...\"}."):
             where = f"line {n} of '{path}'"
-            try:
-                obj = json.loads(line)
-            except ValueError as err:
-                raise UserError(f"{where} is not valid JSON ({err}). Each line must be one object like "
-                                f"{{\"prompt\": \"...\", \"reference\": \"...\"}}.") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{where} holds a {type(obj).__name__}, not an object with \"prompt\" and "
                                 f"\"reference\".")

@@ -413,8 +413,11 @@ def plan(req: Request) -> Plan:
 
 def _rank(c: Candidate) -> tuple:
     """Offload (the CPU does the update, over PCIe) costs most, then recomputing the forward in
-    backward (~1/3 more compute), then communication (a higher ZeRO stage), then small micro batches."""
-    return c.strategy.offload, c.checkpointing, c.strategy.stage, -(c.micro or 0)
+    backward (~1/3 more compute), then ZeRO-3's extra communication (it gathers the weights again in
+    backward: 1.5x the volume), then small micro batches. ZeRO 1 and 2 move what ZeRO-0's all-reduce
+    moves (a reduce-scatter and an all-gather), so among stages 0-2 the larger micro batch wins and
+    the lower stage only breaks ties."""
+    return c.strategy.offload, c.checkpointing, c.strategy.stage == 3, -(c.micro or 0), c.strategy.stage
 
 
 def _nothing_fits(p: Plan) -> str:
@@ -520,8 +523,9 @@ def _explain(p: Plan) -> list[str]:
         f"  GPU: {_gib(best.states.on_device)} model states + {_gib(best.activations)} activations = "
         f"{_gib(best.device_total)} of {req.usable / GiB:.2f} GiB usable",
         "  why: setups rank by speed: no offload before offload (the CPU updates the weights, over PCIe), no "
-        "activation checkpointing before it (~1/3 more compute), a lower ZeRO stage before a higher one (less "
-        "communication), then the larger micro batch. It is the first that fits.",
+        "activation checkpointing before it (~1/3 more compute), ZeRO 0-2 before ZeRO-3 (1.5x the communication), "
+        "then the larger micro batch (ZeRO 0, 1 and 2 communicate the same volume), then the lower stage. It is "
+        "the first that fits.",
         f"  ranked above but not fitting: {names(above)}",
         f"  fitting but ranked below: {names(below)}",
         *hint,

@@ -200,6 +200,19 @@ def test_gpt2_1_5b_on_one_24gb_gpu_needs_offload():
     assert best.states.on_device + a > p.request.usable
 
 
+def test_sharding_that_buys_a_larger_micro_batch_wins_below_zero3():
+    """On 8 x 40 GB, ZeRO-0 fits gpt2-1.5b at micro 1 only; ZeRO-1 shards the optimizer state and
+    fits micro 8 with the same communication volume: it is recommended. ZeRO-3 still ranks last."""
+    p = plan(make_request(preset="gpt2-1.5b", gpus_per_node=8, gpu_mem_gib=40, batch_seqs=256))
+    zero0 = next(c for c in p.candidates if c.strategy.name == "zero0" and not c.checkpointing)
+    assert zero0.micro == 1
+    assert (p.best.strategy.name, p.best.checkpointing, p.best.micro) == ("zero1", False, 8)
+    same = [c for c in p.candidates if c.fits and not c.checkpointing and not c.strategy.offload
+            and c.strategy.stage < 3 and c.micro == p.best.micro]
+    assert min(c.strategy.stage for c in same) == p.best.strategy.stage  # ties go to the lower stage
+    assert "ZeRO 0, 1 and 2 communicate the same volume" in format_plan(p)
+
+
 def test_smaller_gpus_push_to_higher_stages_then_checkpointing():
     small = plan(make_request(preset="gpt2-350m", gpus_per_node=8, gpu_mem_gib=16, batch_seqs=256))
     tiny = plan(make_request(preset="gpt2-350m", gpus_per_node=8, gpu_mem_gib=8, batch_seqs=256))

@@ -78,25 +78,29 @@ def test_overflow_skips_neither_stop_nor_count_as_nonfinite(monkeypatch):
     """Run.train_step's bookkeeping for an fp16 overflow, with the engine's answers scripted."""
     from types import SimpleNamespace
 
-    from dsgpt.metrics import Throughput
+    from dsgpt.model import GPTConfig
     from dsgpt.train import step as step_module
+    from dsgpt.train.step_metrics import StepMetrics
     from dsgpt.train.trainer import Run, RunState
     logged = []
     run = Run.__new__(Run)  # only the parts train_step touches
-    run.cfg = SimpleNamespace(precision="fp16")
-    run.t = SimpleNamespace(micro_batch_size=1, grad_accum_steps=1, log_interval=1000, on_nonfinite="stop",
-                            max_nonfinite_steps=0)
-    run.ctx = SimpleNamespace(rank=0, world_size=1, is_main=False)
-    run.state, run.losses, run.progress, run.device = RunState(), {}, None, "cpu"
+    run.cfg = SimpleNamespace(precision="fp16", tf32=False)
+    run.t = SimpleNamespace(micro_batch_size=1, grad_accum_steps=1, log_interval=1000, max_steps=10,
+                            on_nonfinite="stop", max_nonfinite_steps=0)
+    run.cfg.train = run.t
+    run.ctx = SimpleNamespace(rank=0, world_size=1, is_main=False, device_type="cpu")
+    run.state, run.device = RunState(), "cpu"
     run.tokens_per_step, run.last_saved = 8, 0
-    run.loader, run.meter = SimpleNamespace(get=lambda step: None), Throughput()
+    run.loader = SimpleNamespace(get=lambda step: None)
     run.engine = SimpleNamespace(get_lr=lambda: [1e-3], was_step_applied=lambda: False)
     run.log = SimpleNamespace(log=lambda step, scalars: logged.append((step, scalars)))
+    run.metrics = StepMetrics(run.log, run.cfg, run.ctx, GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8,
+                                                                    vocab_size=16), 8, 1, print)
     monkeypatch.setattr(step_module, "train_step", lambda *a: step_module.StepResult(loss=3.0, tokens=8))
     assert run.train_step(1) and run.train_step(2)  # both count as done: no give-up
     assert run.state.skipped_steps == 0 and run.state.overflow_skips == 2
     assert logged == [(1, {"train/overflow_skips": 1}), (2, {"train/overflow_skips": 2})]
-    assert run.losses == {1: 3.0, 2: 3.0}
+    assert run.metrics.losses == {1: 3.0, 2: 3.0}
 
 
 def test_loss_scale_at_its_floor_is_a_clear_message(monkeypatch):

@@ -2,7 +2,8 @@
 # The GPU checks in one go, on a machine with CUDA GPUs and dsgpt's dependencies installed:
 #
 #   bash bench/gpu_suite.sh smoke   # the GPU tests (bf16/fp16 over NCCL, ZeRO 0/2/3), the matmul rate
-#   bash bench/gpu_suite.sh bench   # host syncs of a step, MFU of the GPT-2 presets (bf16, block 1024)
+#   bash bench/gpu_suite.sh bench   # host syncs of a step, MFU of the GPT-2 presets (bf16, block 1024),
+#                                   # and the ops that take gpt2-124m's step time (train.profile)
 #
 # Every figure goes to bench/RESULTS.md. PYTHON picks the interpreter (default: python). The built-in
 # corpus stands in for real data: the presets train on it with GPT-2's padded vocabulary size.
@@ -18,6 +19,11 @@ smoke)
     ;;
 bench)
     $PY bench/sync_count.py --config configs/gpt2-124m.yaml --steps 30 $DATA
+    out=$(mktemp -d)
+    $PY launch/train.py --config configs/gpt2-124m.yaml $DATA train.max_steps=6 train.profile=true \
+        train.eval_interval=1000000 train.eval_batches=1 run.out_dir="$out" run.name=profile
+    head -40 "$out/profile/profile/rank00000.top_ops.txt"
+    rm -rf "$out"
     $PY bench/throughput.py --config configs/gpt2-124m.yaml --steps 10 $DATA model.compile=true \
         --matrix micro=16,32
     $PY bench/throughput.py --config configs/gpt2-350m.yaml --steps 10 $DATA model.compile=true \

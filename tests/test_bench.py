@@ -163,8 +163,8 @@ def test_gpu_suite_names_real_scripts_and_configs_that_load():
     from dsgpt.config import load_config
     text = (REPO / "bench" / "gpu_suite.sh").read_text()
     data = shlex.split(re.search(r'^DATA="(.*)"$', text, re.M).group(1))
-    commands = [shlex.split(c) for c in re.findall(r"^\s+\$PY (bench/\S+\.py.*)$", text.replace("\\\n", " "), re.M)]
-    assert len(commands) >= 5
+    commands = [shlex.split(c) for c in re.findall(r"^\s+\$PY ((?:bench|launch)/\S+\.py.*)$", text.replace("\\\n", " "), re.M)]
+    assert len(commands) >= 6
     for cmd in commands:
         assert (REPO / cmd[0]).is_file(), cmd[0]
         args = cmd[1:cmd.index("--matrix")] if "--matrix" in cmd else cmd[1:]  # matrix axes are not keys

@@ -24,3 +24,7 @@ def test_profile_writes_a_trace_of_the_profiled_steps(corpus, tmp_path):
     short = out / "short" / "profile"
     assert (short / "rank00000.trace.json").is_file() and not list(short.glob("*.tmp"))
     assert not (out / "prof" / "profile" / "rank00000.trace.tmp").exists()
+    # The table of the ops that took the most time, beside the trace.
+    top = (out / "prof" / "profile" / "rank00000.top_ops.txt").read_text()
+    assert top.startswith("ops of the profiled steps by self_cpu_time_total") and "Self CPU" in top
+    assert "aten::" in top

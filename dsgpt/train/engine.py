@@ -66,6 +66,11 @@ def build_engine(model, cfg: Config, ds_config: dict, on_gpu: bool):
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps),
     )
+    if engine.world_size == 1 and engine.zero_optimization_stage() == 0:
+        # One rank has nothing to reduce, but DeepSpeed would still flatten every gradient into a
+        # bucket, "all-reduce" it and copy it back, each step. ZeRO 1-3 keep the reduce: it fills
+        # their fp32 gradient partitions.
+        engine.enable_backward_allreduce = False
     if cfg.model.compile:
         # DeepSpeed's compile compiles the module in place (parameter names, so checkpoints, stay
         # as they are); under ZeRO-3 its gather/release hooks split the graph at every layer.
@@ -95,5 +100,6 @@ def describe_engine(engine) -> dict:
         "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
         "train_batch_size": engine.train_batch_size(),
         "world_size": engine.world_size,
+        "backward_allreduce": bool(engine.enable_backward_allreduce),
         "compiled": bool(getattr(engine, "is_compiled", False)),
     }

@@ -99,14 +99,14 @@ def trial(ranks: int, run_dir: Path, zero: int, rnd: random.Random) -> dict:
             "latest_after": read_pointer(ckpt), "log": log[-2000:]}
 
 
-def main() -> int:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--zero", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     rnd = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="crash-saves-") as tmp:
         run_dir = Path(tmp) / "runs" / "crash"

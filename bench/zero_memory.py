@@ -74,13 +74,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--ranks", type=int, default=2, help="ranks per launch (GPUs, or CPU processes)")
-    p.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--stages", nargs="+", default=["0", "1", "2", "3"], help="ZeRO stages, one launch each")
     p.add_argument("--steps", type=int, default=3, help="training steps before measuring")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     p.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # a rank of one launch
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    # --stages takes every word after it: key=value overrides written after it are overrides still.
+    args.overrides += [v for v in args.stages if "=" in v]
+    stages = [v for v in args.stages if "=" not in v]
+    if not stages or any(v not in ("0", "1", "2", "3") for v in stages):
+        p.error(f"--stages takes ZeRO stages 0-3, not {' '.join(stages) or 'nothing'}")
+    args.stages = [int(v) for v in stages]
     if args.measure:
         measure(args.config, args.overrides, args.steps, args.measure)
         return 0

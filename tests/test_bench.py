@@ -174,3 +174,34 @@ def test_gpu_suite_names_real_scripts_and_configs_that_load():
             load_config(str(REPO / args[args.index("--config") + 1]), overrides)
     usage = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh")], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage: bash bench/gpu_suite.sh smoke|bench" in usage.stderr
+
+
+def test_zero_memory_bench_runs_each_stage_on_a_tiny_shape(capsys):
+    """A smoke run: one 2-rank launch per stage reports the bytes each rank holds; overrides may
+    follow --stages."""
+    from bench import zero_memory
+    assert zero_memory.main(["--config", "configs/tiny.yaml", "--ranks", "2", "--steps", "1", "--no-record",
+                             "--stages", "0", "3", "model.n_layer=1", "model.n_embd=32", "model.n_head=2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1] in "0123"]
+    assert [r[0] for r in rows] == ["0", "3"]
+    params = {r[0]: float(r[1]) for r in rows}
+    # ZeRO-3 shards the weights (small ones stay whole on every rank: its persistence threshold)
+    assert params["0"] / 2 <= params["3"] < params["0"]
+    with pytest.raises(SystemExit):
+        zero_memory.main(["--config", "configs/tiny.yaml", "--stages", "4"])
+
+
+def test_generate_bench_runs_on_a_tiny_shape(capsys):
+    from bench import generate
+    assert generate.main(["--shapes", "tiny", "--batches", "1", "--new-tokens", "4", "--vocab", "256",
+                          "--threads", "1", "--no-record"]) == 0
+    out = capsys.readouterr().out
+    assert "dsgpt, KV cache" in out and "transformers generate" in out
+
+
+def test_crash_saves_bench_resumes_after_a_kill(capsys, monkeypatch):
+    from bench import crash_saves
+    from conftest import REPO
+    monkeypatch.setenv("DSGPT_CACHE", str(REPO / ".cache" / "dsgpt"))  # the built-in corpus the other tests prepare
+    assert crash_saves.main(["--trials", "1", "--no-record"]) == 0
+    assert '"kills": 1' in capsys.readouterr().out

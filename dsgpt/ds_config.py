@@ -15,6 +15,7 @@ from dsgpt.config import Config, resolve_path
 from dsgpt.errors import UserError
 
 AUTO = "auto"
+CPU_MIN_BUCKET = 2**21  # elements (8 MB in fp32) per bucket on CPU ranks: see the bucket sizes below
 # dsgpt builds these from the run config's `optim` section (AdamW with decay on matrices only,
 # the warmup schedules); a second definition in the template would silently disagree.
 OWNED_BY_RUN_CONFIG = ("optimizer", "scheduler")
@@ -80,10 +81,14 @@ def resolve_ds_config(cfg: Config, world_size: int, on_gpu: bool) -> dict:
         problems.append(f"  - zero_optimization.stage is {stage!r}; DeepSpeed has stages 0, 1, 2 and 3")
         stage = None  # e.g. "auto" or "3": the offload checks below cannot compare it
     hidden = cfg_model_width(cfg)
-    # Bucket sizes scaled to the model, the rule the HF Trainer's DeepSpeed integration uses.
+    # Bucket sizes scaled to the model, the rule the HF Trainer's DeepSpeed integration uses, on
+    # GPUs (NCCL, overlapped with backward). Over gloo each collective has a fixed cost whatever
+    # its size, so CPU ranks take at least CPU_MIN_BUCKET elements: on 2 CPU ranks of a 4 x 256
+    # model (hidden^2 = 65,536) ZeRO-2 ran ~14% and ZeRO-3 ~10% faster (bench/RESULTS.md).
+    least = 0 if on_gpu else CPU_MIN_BUCKET
     auto_sizes = {
-        "reduce_bucket_size": hidden * hidden,
-        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "reduce_bucket_size": max(hidden * hidden, least),
+        "stage3_prefetch_bucket_size": max(int(0.9 * hidden * hidden), least),
         "stage3_param_persistence_threshold": 10 * hidden,
         "overlap_comm": on_gpu,
     }

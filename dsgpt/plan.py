@@ -18,7 +18,7 @@ tests/test_plan.py (weights, master and Adam state to the byte):
 
 ZeRO 1/2 keep an fp32 master copy even in fp32 (a clone of the slice), so on one rank they hold
 more than ZeRO-0. Buffers: the reduce bucket is `reduce_bucket_size` elements (the templates' "auto"
-is hidden²; zero1.json leaves DeepSpeed's default 5e8), twice when `overlap_comm` is on. ZeRO-3
+is hidden² on GPUs, at least 2**21 on CPU ranks; zero1.json leaves DeepSpeed's default 5e8), twice when `overlap_comm` is on. ZeRO-3
 keeps small parameters (<= `stage3_param_persistence_threshold`) whole on every rank and gathers
 the others around each module; with the default `stage3_max_reuse_distance` (1e9) a gathered
 weight that is used again in the backward pass stays gathered, so a model under

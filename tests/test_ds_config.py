@@ -140,16 +140,26 @@ def test_shipped_fp16_loss_scale_settings_survive():
 
 
 @pytest.mark.parametrize("width", [32, 64, 1024])
-def test_bucket_sizes_scale_with_model_width(width):
-    zero = resolve("deepspeed.config=ds_configs/zero3.json", f"model.n_embd={width}")["zero_optimization"]
+def test_bucket_sizes_scale_with_model_width_on_gpus(width):
+    zero = resolve("deepspeed.config=ds_configs/zero3.json", f"model.n_embd={width}", on_gpu=True)["zero_optimization"]
     assert zero["reduce_bucket_size"] == width * width
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * width * width)
     assert zero["stage3_param_persistence_threshold"] == 10 * width
 
 
+@pytest.mark.parametrize("width", [64, 1024, 2048])
+def test_cpu_buckets_have_a_floor(width):
+    """Over gloo a collective's fixed cost dominates small buckets: CPU ranks take at least 2M elements."""
+    from dsgpt.ds_config import CPU_MIN_BUCKET
+    zero = resolve("deepspeed.config=ds_configs/zero3.json", f"model.n_embd={width}")["zero_optimization"]
+    assert zero["reduce_bucket_size"] == max(width * width, CPU_MIN_BUCKET)
+    assert zero["stage3_prefetch_bucket_size"] == max(int(0.9 * width * width), CPU_MIN_BUCKET)
+    assert zero["stage3_param_persistence_threshold"] == 10 * width
+
+
 @pytest.mark.parametrize("preset, width", [("tiny", 128), ("gpt2-124m", 768), ("gpt2-1.5b", 1600)])
 def test_bucket_sizes_from_the_preset_width(preset, width):
-    zero = resolve("deepspeed.config=ds_configs/zero2.json", f"model.preset={preset}")["zero_optimization"]
+    zero = resolve("deepspeed.config=ds_configs/zero2.json", f"model.preset={preset}", on_gpu=True)["zero_optimization"]
     assert zero["reduce_bucket_size"] == width * width
 
 

@@ -11,10 +11,11 @@ or saving inside the timed steps) for `--warmup` + `--steps` steps and reads its
 the median step time of the timed steps, tokens/s from it, the median MFU (6N + 12·L·H·Q·T per
 token; the peak measured on CPU, from the device table on GPU, where the MFU of the rate an 8192^3
 matmul really reaches in the run's math mode follows in brackets: bench/matmul_peak.py) and peak
-memory (RSS on CPU, max_memory_allocated on GPU; rank 0's). `--matrix` runs every combination of ZeRO stage, optimizer
-offload (the zero2_offload / zero3_offload templates; not with ZeRO 0), activation checkpointing
-and micro batch; the scaling axes are block size (model.block_size) and width (model.n_embd, with
-one head per 64 channels as in GPT-2). Rows go to bench/RESULTS.md with the machine, versions and date.
+memory (RSS on CPU, max_memory_allocated on GPU; rank 0's). `--matrix` runs every combination of
+ZeRO stage, optimizer offload (the zero2_offload / zero3_offload templates; not with ZeRO 0),
+activation checkpointing and micro batch; the scaling axes are block size (model.block_size) and
+width (model.n_embd, one head per 64 channels as in GPT-2). Rows go to bench/RESULTS.md with the
+machine, versions and date.
 """
 
 import argparse

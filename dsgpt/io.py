@@ -82,7 +82,6 @@ def check_output_dir(out_dir: Path, overwrite: bool, marker: str, kind: str, fla
                         f"{kind}; refusing to replace it even with --overwrite. Choose another {flag}.")
 
 
-
 def read_jsonl(f, where, hint: str):
     """(n, record) for each non-blank line n of a JSON Lines file `f`, opened by the caller as
     UTF-8 text (its message for a missing file knows which option named it). A line that is not

@@ -189,9 +189,11 @@ def _read_text(path: Path) -> str:
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    def line(n):
+        return f"{path} line {n}"
     with open(path, encoding="utf-8") as f:
-        for n, record in read_jsonl(f, lambda n: f"{path} line {n}", "A .jsonl file needs one JSON object per line."):
-            yield from _field_text(record, text_field, f"{path} line {n}")
+        for n, record in read_jsonl(f, line, "A .jsonl file needs one JSON object per line."):
+            yield from _field_text(record, text_field, line(n))
 
 
 def _field_text(record, text_field: str, where: str) -> Iterator[str]:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsgpt.errors import UserError
-from dsgpt.io import read_jsonl
 from dsgpt.eval.text_metrics import score_texts
+from dsgpt.io import read_jsonl
 
 
 @dataclass
@@ -28,11 +28,13 @@ def read_examples(path) -> list[Example]:
     if not path.is_file():
         raise UserError(f"The generation task file '{path}' does not exist. Pass gen:FILE.jsonl with a JSONL "
                         f"file of {{\"prompt\": ..., \"reference\": ...}} objects, one per line.")
+    def line(n):
+        return f"line {n} of '{path}'"
     examples = []
     with open(path, encoding="utf-8") as f:
-        for n, obj in read_jsonl(f, lambda n: f"line {n} of '{path}'", "Each line must be one object like "
+        for n, obj in read_jsonl(f, line, "Each line must be one object like "
                                  "{\"prompt\": \"...\", \"reference\": \"...\"}."):
-            where = f"line {n} of '{path}'"
+            where = line(n)
             if not isinstance(obj, dict):
                 raise UserError(f"{where} holds a {type(obj).__name__}, not an object with \"prompt\" and "
                                 f"\"reference\".")

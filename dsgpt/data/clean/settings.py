@@ -137,26 +137,26 @@ def _check_ngram_map(value: dict) -> dict:
     return dict(sorted(value.items()))
 
 
-class TopNgrams(_Rule):
+class _NgramFractions(_Rule):
+    """A fraction per word n-gram size; the subclasses give the defaults and what it bounds."""
+    max_char_fraction: dict[int, float]
+
+    @field_validator("max_char_fraction")
+    @classmethod
+    def _sizes(cls, value):
+        return _check_ngram_map(value)
+
+
+class TopNgrams(_NgramFractions):
     max_char_fraction: dict[int, float] = Field(
         default_factory=lambda: dict(GOPHER_TOP_NGRAMS),
         description="n -> most characters the commonest word n-gram may cover")
 
-    @field_validator("max_char_fraction")
-    @classmethod
-    def _sizes(cls, value):
-        return _check_ngram_map(value)
 
-
-class DuplicateNgrams(_Rule):
+class DuplicateNgrams(_NgramFractions):
     max_char_fraction: dict[int, float] = Field(
         default_factory=lambda: dict(GOPHER_DUPLICATE_NGRAMS),
         description="n -> most characters that may lie in repeated word n-grams")
-
-    @field_validator("max_char_fraction")
-    @classmethod
-    def _sizes(cls, value):
-        return _check_ngram_map(value)
 
 
 # name -> its parameters, in the order the rules run (cheap ones first). A document that fails

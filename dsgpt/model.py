@@ -222,8 +222,9 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is not None:
             chunk = self.config.loss_chunk_tokens
-            return chunked_token_loss_sum(self.lm_head, x, targets, chunk) if chunk else token_loss_sum(
-                self.lm_head(x), targets)
+            if chunk:
+                return chunked_token_loss_sum(self.lm_head, x, targets, chunk)
+            return token_loss_sum(self.lm_head(x), targets, overwrite=True)  # the logits are not returned
         logits = self.lm_head(x)
         if cache is None:
             return logits
@@ -300,22 +301,60 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class _SummedCrossEntropy(torch.autograd.Function):
+    """Cross entropy of logits (N, V), any float dtype, summed in fp32 over the rows whose label is
+    not IGNORE_INDEX; the same value and gradient as F.cross_entropy(..., reduction="sum").
+
+    F.cross_entropy keeps the fp32 log-probabilities (N x V) for backward and builds the gradient
+    in more passes over N x V (a zero-filled one-hot, nll and log_softmax backward). Here forward
+    computes the softmax once, turns it into the gradient softmax - one-hot for backward to scale,
+    and works in the logits' own storage when ``overwrite`` says nobody else reads them (the
+    model's training loss): no N x V tensor is allocated at all for fp32 logits, and bf16 logits
+    get only their fp32 copy, which F.cross_entropy makes too."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, overwrite: bool) -> torch.Tensor:
+        counted = labels != IGNORE_INDEX
+        target = labels.masked_fill(~counted, 0)[:, None]  # any valid index: these rows count as 0
+        picked = logits.gather(1, target).squeeze(1).float()
+        work = logits.float()  # a copy unless the logits are fp32 already
+        top = work.amax(dim=-1, keepdim=True)
+        probs = (work.sub_(top) if overwrite or work is not logits else work - top).exp_()
+        total = probs.sum(dim=-1, keepdim=True)
+        lse = (top + total.log()).squeeze(1)
+        if ctx.needs_input_grad[0]:
+            probs.div_(total).scatter_add_(1, target, probs.new_full(target.shape, -1.0))
+            ctx.save_for_backward(probs, counted)
+            ctx.dtype = logits.dtype
+        return torch.where(counted, lse - picked, 0.0).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad, counted = ctx.saved_tensors
+        grad.mul_((counted * grad_out)[:, None])  # in place: a second backward through it fails loudly
+        return grad.to(ctx.dtype), None, None
+
+
+def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+    """Cross entropy summed over positions whose label is not -100, in fp32; any leading shape.
+    ``overwrite=True`` lets it use the logits' storage (they hold garbage afterwards)."""
+    return _SummedCrossEntropy.apply(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), overwrite)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
+                   overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross entropy over positions whose label is not -100, and how many there were.
 
     ``labels`` are aligned with ``logits`` (the caller shifts them). A sum, not a mean, so the trainer
     can divide by the token count of the whole optimizer step: every target token then weighs the
     same whatever the split into micro-batches and ranks. Computed in fp32 (bf16 logits lose the tail).
+    ``overwrite``: the caller is done with ``logits``; the loss may use their storage.
     """
-    loss_sum = F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    n_tokens = (labels != IGNORE_INDEX).sum()
-    return loss_sum, n_tokens
+    return summed_cross_entropy(logits, labels, overwrite), (labels != IGNORE_INDEX).sum()
 
 
 def _head_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return summed_cross_entropy(head(hidden), labels, overwrite=True)
 
 
 def chunked_token_loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,

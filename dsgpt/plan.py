@@ -37,12 +37,14 @@ autograd saves (counted with saved_tensors_hooks in the tests): LayerNorm inputs
 q/k/v (3E), the attention output (E), the MLP's hidden before and after GELU (8E) = 16E elements,
 LayerNorm statistics 4a, log-sum-exp 4H; dropout > 0 adds one byte per element for 2 masks.
 Outside the blocks: ln_f's input and output (2aE), statistics (2a), token ids and targets (16).
-The loss (computed inside the model) peaks in backward with the fp32 log-softmax output, its
-incoming and its outgoing gradient at once: 12V per token, or per token of one chunk with
-model.loss_chunk_tokens (the chunk's logits are recomputed in backward).
+The loss (computed inside the model, dsgpt.model.summed_cross_entropy) turns the logits into their
+fp32 gradient in place: 4V per token in fp32; with 2-byte logits their fp32 copy is made beside
+them, and in backward the 2-byte gradient beside the fp32 one, so (4 + a)V = 6V. That is per token
+of the micro batch, or of one chunk with model.loss_chunk_tokens (recomputed in backward); the
+formulas write it lV (l = 4 in fp32, 6 otherwise).
 
-    no checkpointing:  tokens·(L·(16aE + 4a + 4H) + 2aE + 2a + 16) + 12V·logit tokens
-    checkpointing:     tokens·(L·aE + 2aE + 2a + 16) + max(12V·logit tokens, tokens·one block)
+    no checkpointing:  tokens·(L·(16aE + 4a + 4H) + 2aE + 2a + 16) + lV·logit tokens
+    checkpointing:     tokens·(L·aE + 2aE + 2a + 16) + max(lV·logit tokens, tokens·one block)
 
 (Without flash attention, e.g. dropout > 0 on CPU, the math kernel adds the H·T scores per token.)
 
@@ -216,12 +218,17 @@ def block_bytes_per_token(m: GPTConfig, a: int) -> int:
     return 16 * a * m.n_embd + 4 * a + 4 * m.n_head + masks
 
 
-def logits_bytes(m: GPTConfig, tokens: int) -> int:
-    """The loss's peak: the fp32 log-softmax output, its incoming and its outgoing gradient (12 bytes
-    per vocabulary entry per token; the forward's logits and fp32 copy are fewer), over the whole
-    micro batch or, with model.loss_chunk_tokens, over one chunk at a time."""
+def logit_bytes_per_entry(a: int) -> int:
+    """The loss's bytes per vocabulary entry per token: the fp32 gradient, made in the logits' own
+    storage when they are fp32 (a = 4), else beside the a-byte logits (forward) or gradient (backward)."""
+    return 4 if a == 4 else 4 + a
+
+
+def logits_bytes(m: GPTConfig, tokens: int, a: int) -> int:
+    """The loss's peak over the whole micro batch or, with model.loss_chunk_tokens, over one chunk at
+    a time (`logit_bytes_per_entry` per vocabulary entry per token)."""
     chunk = m.loss_chunk_tokens
-    return 12 * m.vocab_size * (min(chunk, tokens) if chunk else tokens)
+    return logit_bytes_per_entry(a) * m.vocab_size * (min(chunk, tokens) if chunk else tokens)
 
 
 def activation_bytes(m: GPTConfig, micro: int, a: int, checkpointing: bool) -> int:
@@ -230,8 +237,8 @@ def activation_bytes(m: GPTConfig, micro: int, a: int, checkpointing: bool) -> i
     tokens = micro * m.block_size
     saved = tokens * activation_bytes_per_token(m, a, checkpointing)
     if checkpointing:
-        return saved + max(logits_bytes(m, tokens), tokens * block_bytes_per_token(m, a))
-    return saved + logits_bytes(m, tokens)
+        return saved + max(logits_bytes(m, tokens, a), tokens * block_bytes_per_token(m, a))
+    return saved + logits_bytes(m, tokens, a)
 
 
 def host_init_bytes(m: GPTConfig, stage: int) -> int:
@@ -496,18 +503,19 @@ def _explain(p: Plan) -> list[str]:
     body = activation_bytes_per_token(m, a, best.checkpointing)
     block = block_bytes_per_token(m, a)
     logit_tokens = min(m.loss_chunk_tokens, tokens) if m.loss_chunk_tokens else tokens
-    logits = logits_bytes(m, tokens)
+    logits = logits_bytes(m, tokens, a)
+    lv = f"{logit_bytes_per_entry(a)}V"
     if best.checkpointing:
-        formula = (f"{tokens:,} tokens x (L*aE + 2aE + 2a + 16 = {body:,}) + max(12V x {logit_tokens:,} logit tokens, "
+        formula = (f"{tokens:,} tokens x (L*aE + 2aE + 2a + 16 = {body:,}) + max({lv} x {logit_tokens:,} logit tokens, "
                    f"tokens x block {block:,})")
     else:
         formula = (f"{tokens:,} tokens x (L*(16aE + 4a + 4H) + 2aE + 2a + 16 = {L}*{block:,} + "
-                   f"{body - L * block:,} = {body:,}) + 12V x {logit_tokens:,} logit tokens")
+                   f"{body - L * block:,} = {body:,}) + {lv} x {logit_tokens:,} logit tokens")
     hint = []
     if not m.loss_chunk_tokens and logits > best.activations / 4:
         chunk = 4096
         hint = [f"  hint: the loss's logits take {_gib(logits)} GiB of that; model.loss_chunk_tokens={chunk} would "
-                f"take {_gib(logits_bytes(dataclasses.replace(m, loss_chunk_tokens=chunk), tokens))} GiB "
+                f"take {_gib(logits_bytes(dataclasses.replace(m, loss_chunk_tokens=chunk), tokens, a))} GiB "
                 f"(then plan again with it in --config, or --loss-chunk-tokens {chunk})"]
     def names(cs):
         return ", ".join(c.strategy.name + (" +ckpt" if c.checkpointing else "") for c in cs) or "none"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import dsgpt.model as model_mod
 from dsgpt.errors import UserError
 from dsgpt.hf import hf_config, to_hf_model, to_hf_state_dict
-from dsgpt.model import GPT, PRESETS, GPTConfig, flops_per_token, param_groups, token_loss_sum
+from dsgpt.model import GPT, PRESETS, GPTConfig, flops_per_token, param_groups, summed_cross_entropy, token_loss_sum
 
 VOCAB, BLOCK = 97, 32
 BOS, EOS = 1, 2
@@ -249,6 +249,54 @@ def test_token_loss_sum_ignores_masked_labels():
     assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-6)
     # Summed in fp32 even when the logits are bf16.
     assert token_loss_sum(logits.bfloat16(), labels)[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_summed_cross_entropy_equals_torch(dtype, overwrite):
+    """The loss's own cross entropy: F.cross_entropy's value and gradient (fp32: 1e-5), masked
+    rows counting nothing, from logits of any leading shape; it touches the caller's logits only
+    when told it may."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 5, 11, generator=g) * 4).to(dtype)
+    labels = torch.randint(0, 11, (3, 5), generator=g)
+    labels[0, :2] = -100
+    labels[2, 4] = -100
+    keep = labels != -100
+    ref_in = logits.clone().requires_grad_()
+    expected = F.cross_entropy(ref_in.float()[keep], labels[keep], reduction="sum")
+    expected.backward()
+    ours_in = logits.clone().requires_grad_()
+    work = ours_in * 1  # a non-leaf, as the model's logits are (their storage may be reused)
+    got = summed_cross_entropy(work, labels, overwrite=overwrite)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    if not overwrite:
+        assert torch.equal(work, logits)
+    got.backward()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, **tol)
+    assert torch.all(ours_in.grad[~keep] == 0)
+    assert ours_in.grad.dtype == dtype
+
+
+def test_summed_cross_entropy_second_backward_fails_loudly():
+    """Backward scales the saved gradient in place: going through it twice must raise, not
+    silently return a gradient scaled twice."""
+    logits = torch.randn(4, 6, requires_grad=True)
+    loss = summed_cross_entropy(logits, torch.tensor([0, 1, 2, 3]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_summed_cross_entropy_without_grad_keeps_logits():
+    """Evaluation (no backward): the loss only, and the logits left as they were."""
+    logits = torch.randn(4, 6)
+    with torch.no_grad():
+        loss = summed_cross_entropy(logits.clone(), torch.tensor([0, -100, 2, 3]))
+    expected = F.cross_entropy(logits[[0, 2, 3]], torch.tensor([0, 2, 3]), reduction="sum")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_activation_checkpointing_same_loss_and_grads(monkeypatch):

@@ -15,8 +15,9 @@ from dsgpt import cli
 from dsgpt.config import load_config
 from dsgpt.ds_config import resolve_ds_config
 from dsgpt.errors import UserError
-from dsgpt.model import GPT, GPTConfig
-from dsgpt.plan import (STRATEGIES, activation_bytes, block_bytes_per_token, format_plan, logits_bytes,
+from dsgpt.model import GPT, GPTConfig, summed_cross_entropy
+from dsgpt.plan import (STRATEGIES, activation_bytes, block_bytes_per_token, format_plan, logit_bytes_per_entry,
+                        logits_bytes,
                         make_request, model_states, param_layout, plan, write_run_config)
 
 # Odd sizes on purpose: 45 wide, 33 positions, groups of odd length, so ZeRO's padding shows.
@@ -151,6 +152,26 @@ def test_per_layer_activation_formula_matches_saved_tensors(dtype):
     m = GPTConfig(n_layer=3, n_head=4, n_embd=96, block_size=48, vocab_size=256)
     assert per_layer[False] == block_bytes_per_token(m, a) == 16 * a * 96 + 4 * a + 4 * 4
     assert per_layer[True] == a * 96  # checkpointing keeps each block's input only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_peak_matches_the_logits_formula(dtype, tmp_path):
+    """The loss's peak, from the logits' allocation through backward (allocations recorded by the
+    profiler), is logit_bytes_per_entry per vocabulary entry per token: 4 in fp32, 6 in bf16."""
+    N, V, E = 512, 4096, 8
+    torch.manual_seed(0)
+    h = torch.randn(N, E, dtype=dtype, requires_grad=True)
+    w = torch.randn(V, E, dtype=dtype, requires_grad=True)
+    y = torch.randint(0, V, (N,))
+    with torch.profiler.profile(profile_memory=True) as prof:
+        summed_cross_entropy(h @ w.t(), y, overwrite=True).backward()
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    events = [e["args"] for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+              if e.get("name") == "[memory]"]
+    before = events[0]["Total Allocated"] - events[0]["Bytes"]  # the first is the logits' allocation
+    peak = max(e["Total Allocated"] for e in events) - before
+    a = torch.finfo(dtype).bits // 8
+    assert peak == pytest.approx(logit_bytes_per_entry(a) * N * V, rel=0.02)
 
 
 # ---- the peak: measured RSS of CPU runs (ZeRO 0-2, fp32, 1 rank) -------------------------------
@@ -325,8 +346,9 @@ def test_every_strategy_has_a_template():
 def test_loss_chunking_shrinks_the_logits_and_the_plan_uses_it(tmp_path):
     m = GPTConfig.from_preset("gpt2-124m", vocab_size=50304)
     chunked = GPTConfig.from_preset("gpt2-124m", vocab_size=50304, loss_chunk_tokens=4096)
-    assert logits_bytes(m, 16384) == 12 * 50304 * 16384
-    assert logits_bytes(chunked, 16384) == logits_bytes(m, 4096) and logits_bytes(chunked, 1024) == logits_bytes(m, 1024)
+    assert logits_bytes(m, 16384, 2) == 6 * 50304 * 16384 and logits_bytes(m, 16384, 4) == 4 * 50304 * 16384
+    assert logits_bytes(chunked, 16384, 2) == logits_bytes(m, 4096, 2)
+    assert logits_bytes(chunked, 1024, 2) == logits_bytes(m, 1024, 2)
     plain = plan(make_request(preset="gpt2-124m", gpu_mem_gib=24, batch_seqs=64))
     with_chunks = plan(make_request(preset="gpt2-124m", gpu_mem_gib=24, batch_seqs=64, loss_chunk_tokens=4096))
     assert with_chunks.best.micro > plain.best.micro

@@ -4,6 +4,8 @@
 #   bash bench/gpu_suite.sh smoke   # the GPU tests (bf16/fp16 over NCCL, ZeRO 0/2/3), the matmul rate
 #   bash bench/gpu_suite.sh bench   # host syncs of a step, MFU of the GPT-2 presets (bf16, block 1024),
 #                                   # and the ops that take gpt2-124m's step time (train.profile)
+#   bash bench/gpu_suite.sh peers   # gpt2-124m's shape: dsgpt beside a plain PyTorch loop (bf16 autocast,
+#                                   # fused AdamW) on one GPU: how much of the step is the model's own
 #
 # Every figure goes to bench/RESULTS.md. PYTHON picks the interpreter (default: python). The built-in
 # corpus stands in for real data: the presets train on it with GPT-2's padded vocabulary size.
@@ -31,8 +33,12 @@ bench)
     $PY bench/throughput.py --config configs/gpt2-1.5b.yaml --steps 10 $DATA model.compile=true \
         deepspeed.zero_stage=1 model.activation_checkpointing=false --matrix micro=8
     ;;
+peers)
+    $PY bench/peers.py --peers plain --pairs 2 --steps 10 --warmup 3 --precision bf16 model.n_layer=12 \
+        model.n_embd=768 model.n_head=12 model.block_size=1024 model.vocab_size=50304 train.micro_batch_size=16
+    ;;
 *)
-    echo "usage: bash bench/gpu_suite.sh smoke|bench (see the top of this file)" >&2
+    echo "usage: bash bench/gpu_suite.sh smoke|bench|peers (see the top of this file)" >&2
     exit 2
     ;;
 esac

@@ -1,6 +1,6 @@
 """dsgpt beside its peers, same machine, same shape, batch, precision and threads per rank.
 
-    python bench/peers.py [--pairs 3] [--steps 20] [--warmup 5] [--ranks 2] [key=value ...]
+    python bench/peers.py [--pairs 3] [--steps 20] [--warmup 5] [--ranks 2] [--precision fp32] [key=value ...]
 
 Three comparisons, each run as interleaved pairs (A B A B ...) so that drift of the machine hits both
 sides alike; each run reports the median of its timed steps, and the figure is the median of the
@@ -11,12 +11,19 @@ pairs' ratios (tokens/s of dsgpt over the peer's):
     ranks under the same ZeRO stage (default 2).
   - dsgpt in one process (ZeRO 0) vs a plain PyTorch loop of the same model (dsgpt.model.GPT,
     torch AdamW, gradient clipping), one process.
-  - dsgpt on `--ranks` ranks (ZeRO 0) vs that plain loop in torch DistributedDataParallel over gloo.
+  - dsgpt on `--ranks` ranks (ZeRO 0) vs that plain loop in torch DistributedDataParallel (gloo;
+    NCCL on GPUs).
 
 Neither side evaluates or saves inside the timed steps; both log every `--log-every` steps. Each
 peer is set up as its documentation advises; its settings are printed beside the figures and go to
 bench/RESULTS.md. The shape defaults to 4 layers x 256 wide, block 256, micro batch 8 per rank,
 fp32; extra `key=value` overrides go to dsgpt's config (model.*, train.micro_batch_size, ...).
+
+On a CUDA machine every side runs on the GPUs (one per rank; DDP over NCCL). `--precision bf16`
+trains dsgpt and the HF Trainer in DeepSpeed's bf16 (bf16 weights, fp32 master) and the plain loop
+as PyTorch advises for it: fp32 weights under torch.autocast(bfloat16), fused AdamW on a GPU. On a
+GPU the plain loop's and the HF Trainer's timed steps end in a device synchronisation, as dsgpt's
+step ends reading its loss back.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ def _random_tokens(steps: int, batch: int, block: int, vocab: int, seed: int):
     return torch.randint(0, vocab, (steps * batch, block + 1), generator=g)
 
 
-def worker_hf(shape: dict, steps: int, warmup: int, zero: int, log_every: int) -> None:
+def worker_hf(shape: dict, steps: int, warmup: int, zero: int, log_every: int, precision: str) -> None:
     """transformers' Trainer + DeepSpeed, as its docs set it up: a DeepSpeed config dict in
     TrainingArguments(deepspeed=...), the Trainer's own AdamW, no evaluation, no saving."""
     import torch
@@ -81,10 +88,12 @@ def worker_hf(shape: dict, steps: int, warmup: int, zero: int, log_every: int) -
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the step's time is its GPU work too
             times.append(time.perf_counter() - self.t0)
 
     ds_config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                 "gradient_clipping": "auto", "zero_optimization": {"stage": zero},
+                 "gradient_clipping": "auto", "zero_optimization": {"stage": zero}, "bf16": {"enabled": "auto"},
                  "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
@@ -92,43 +101,52 @@ def worker_hf(shape: dict, steps: int, warmup: int, zero: int, log_every: int) -
             max_steps=steps + warmup, learning_rate=shape["lr"], weight_decay=0.1, adam_beta1=0.9,
             adam_beta2=0.95, max_grad_norm=1.0, lr_scheduler_type="cosine", warmup_steps=0,
             logging_steps=log_every, save_strategy="no", eval_strategy="no", report_to=[],
-            dataloader_num_workers=0, disable_tqdm=True, deepspeed=ds_config, seed=0)
+            dataloader_num_workers=0, disable_tqdm=True, deepspeed=ds_config, seed=0, bf16=precision == "bf16",
+            use_cpu=precision == "bf16" and not torch.cuda.is_available())  # its bf16 check wants it said
         Trainer(model=model, args=args, train_dataset=Windows(), callbacks=[Clock()]).train()
     if rank == 0:
         _report(times[warmup:], shape, world=int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def worker_plain(shape: dict, steps: int, warmup: int, log_every: int) -> None:
+def worker_plain(shape: dict, steps: int, warmup: int, log_every: int, precision: str) -> None:
     """dsgpt's GPT in a plain loop: AdamW (decay on matrices), clip, step. Under a launcher with
-    WORLD_SIZE > 1 the model is wrapped in torch's DistributedDataParallel over gloo, as its docs
-    set it up (one process per rank, each its own micro-batch, gradients averaged in backward)."""
+    WORLD_SIZE > 1 the model is wrapped in torch's DistributedDataParallel (gloo on CPU, NCCL on
+    GPUs), as its docs set it up (one process per rank, each its own micro-batch, gradients averaged
+    in backward). bf16: fp32 weights under autocast, PyTorch's mixed-precision recipe."""
     import torch
     import torch.distributed as td
 
     from dsgpt.model import GPT, GPTConfig, param_groups
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
     torch.set_num_threads(_threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=shape["vocab"], block_size=shape["block_size"], n_layer=shape["n_layer"],
-                          n_head=shape["n_head"], n_embd=shape["n_embd"])).train()
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=shape["lr"], betas=(0.9, 0.95))
+                          n_head=shape["n_head"], n_embd=shape["n_embd"])).to(device).train()
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=shape["lr"], betas=(0.9, 0.95), fused=on_gpu)
     forward = model
     if world > 1:
-        td.init_process_group("gloo")
+        td.init_process_group("nccl" if on_gpu else "gloo")
         forward = torch.nn.parallel.DistributedDataParallel(model)
-    tokens = _random_tokens(steps + warmup, shape["micro"], shape["block_size"], shape["vocab"], rank)
+    tokens = _random_tokens(steps + warmup, shape["micro"], shape["block_size"], shape["vocab"], rank).to(device)
     times = []
     for i in range(steps + warmup):
         batch = tokens[i * shape["micro"]:(i + 1) * shape["micro"]]
         t0 = time.perf_counter()
-        loss_sum, n = forward(batch[:, :-1], targets=batch[:, 1:])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss_sum, n = forward(batch[:, :-1], targets=batch[:, 1:])
         (loss_sum / n).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (i + 1) % log_every == 0:
             float(loss_sum)  # what a logged step reads back
+        if on_gpu:
+            torch.cuda.synchronize()  # the step's time is its GPU work too
         times.append(time.perf_counter() - t0)
     if world > 1:
         td.destroy_process_group()
@@ -156,6 +174,7 @@ def run_worker(kind: str, ranks: int, args) -> float:
     from bench.common import launcher
     cmd = [*launcher(ranks), str(Path(__file__).resolve()), "--worker", kind, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--zero", str(args.zero), "--log-every", str(args.log_every),
+           "--precision", args.precision,
            "--shape", json.dumps(args.shape_dict)]
     out = _run(cmd, args.timeout).stdout
     line = next(x for x in out.splitlines() if x.startswith("RESULT "))
@@ -168,8 +187,10 @@ def run_dsgpt(ranks: int, zero: int, args) -> float:
     s = args.shape_dict
     overrides = [f"model.n_layer={s['n_layer']}", f"model.n_embd={s['n_embd']}", f"model.n_head={s['n_head']}",
                  f"model.block_size={s['block_size']}", f"model.vocab_size={s['vocab']}",
-                 f"data.builtin_vocab_size={s['vocab']}", f"train.micro_batch_size={s['micro']}",
-                 "train.grad_accum_steps=1", f"optim.lr={s['lr']}", "optim.warmup_steps=0", "precision=fp32",
+                 # The corpus's own vocabulary stays small (random ids fill the rest on the other sides).
+                 f"data.builtin_vocab_size={min(s['vocab'], SHAPE['vocab'])}", f"train.micro_batch_size={s['micro']}",
+                 "train.grad_accum_steps=1", f"optim.lr={s['lr']}", "optim.warmup_steps=0",
+                 f"precision={args.precision}",
                  f"deepspeed.zero_stage={zero}", *args.overrides]
     return run_trainer("configs/tiny.yaml", overrides, ranks, args.steps, args.warmup, args.timeout)["tokens_s"]
 
@@ -195,6 +216,7 @@ def main(argv=None) -> int:
     p.add_argument("--zero", type=int, default=2)
     p.add_argument("--log-every", type=int, default=1, help="the peers' logging cadence (dsgpt logs every step)")
     p.add_argument("--peers", default="hf,plain,ddp", help="comma-separated: hf, plain, ddp (default all)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=1800)
@@ -206,20 +228,31 @@ def main(argv=None) -> int:
     for item in args.overrides:
         key, _, value = item.partition("=")
         short = {"model.n_layer": "n_layer", "model.n_embd": "n_embd", "model.n_head": "n_head",
-                 "model.block_size": "block_size", "train.micro_batch_size": "micro"}.get(key)
+                 "model.block_size": "block_size", "model.vocab_size": "vocab",
+                 "train.micro_batch_size": "micro"}.get(key)
         if short:
             args.shape_dict[short] = int(value)
     if args.worker == "hf":
-        worker_hf(args.shape_dict, args.steps, args.warmup, args.zero, args.log_every)
+        worker_hf(args.shape_dict, args.steps, args.warmup, args.zero, args.log_every, args.precision)
         return 0
     if args.worker in ("plain", "ddp"):
-        worker_plain(args.shape_dict, args.steps, args.warmup, args.log_every)
+        worker_plain(args.shape_dict, args.steps, args.warmup, args.log_every, args.precision)
         return 0
 
+    import torch
+    on_gpu = torch.cuda.is_available()
     s = args.shape_dict
-    shape = f"{s['n_layer']}x{s['n_embd']}, block {s['block_size']}, micro {s['micro']}/rank, fp32"
-    print(f"shape: {shape}; {args.pairs} pairs x {args.steps} timed steps (+{args.warmup} warmup); "
-          f"{os.cpu_count()} cores, {_threads_per_rank(args.ranks)} threads per rank at {args.ranks} ranks")
+    shape = f"{s['n_layer']}x{s['n_embd']}, block {s['block_size']}, micro {s['micro']}/rank, {args.precision}"
+    where = (f"{torch.cuda.get_device_name()} per rank" if on_gpu else
+             f"{os.cpu_count()} cores, {_threads_per_rank(args.ranks)} threads per rank at {args.ranks} ranks")
+    print(f"shape: {shape}; {args.pairs} pairs x {args.steps} timed steps (+{args.warmup} warmup); {where}")
+
+    def per_rank(ranks: int) -> str:  # what each rank runs on, for the settings column
+        return "1 GPU/rank" if on_gpu else f"{_threads_per_rank(ranks)} threads/rank"
+    loop = (f"dsgpt.model.GPT, torch.optim.AdamW (decay on matrices{', fused' if on_gpu else ''}), clip_grad_norm_ "
+            f"1.0{', fp32 weights under bf16 autocast' if args.precision == 'bf16' else ''}, loss read every "
+            f"{args.log_every} step(s)")
+    backend = "nccl" if on_gpu else "gloo"
     results = []
     peers = {x.strip() for x in args.peers.split(",")}
     if "hf" in peers:
@@ -227,20 +260,18 @@ def main(argv=None) -> int:
                                 lambda: run_dsgpt(args.ranks, args.zero, args),
                                 lambda: run_worker("hf", args.ranks, args), args.pairs),
                         f"transformers.Trainer, GPT2LMHeadModel (sdpa attention), DeepSpeed ZeRO-{args.zero} config "
-                        f"dict, the Trainer's AdamW, logging_steps={args.log_every}, no eval/save, "
-                        f"dataloader_num_workers=0, {_threads_per_rank(args.ranks)} threads/rank"))
+                        f"dict, the Trainer's AdamW, {'bf16=True, ' if args.precision == 'bf16' else ''}"
+                        f"logging_steps={args.log_every}, no eval/save, dataloader_num_workers=0, {per_rank(args.ranks)}"))
     if "plain" in peers:
         results.append((compare("1 process: dsgpt (ZeRO 0) vs a plain PyTorch loop",
                                 lambda: run_dsgpt(1, 0, args), lambda: run_worker("plain", 1, args), args.pairs),
-                        f"dsgpt.model.GPT, torch.optim.AdamW (decay on matrices), clip_grad_norm_ 1.0, loss read "
-                        f"every {args.log_every} step(s), {_threads_per_rank(1)} threads"))
+                        f"{loop}, {per_rank(1)}"))
     if "ddp" in peers:
-        results.append((compare(f"{args.ranks} ranks: dsgpt (ZeRO 0) vs a plain DDP loop over gloo",
+        results.append((compare(f"{args.ranks} ranks: dsgpt (ZeRO 0) vs a plain DDP loop over {backend}",
                                 lambda: run_dsgpt(args.ranks, 0, args), lambda: run_worker("ddp", args.ranks, args),
                                 args.pairs),
-                        f"dsgpt.model.GPT in torch DistributedDataParallel (gloo, default 25 MB buckets), "
-                        f"torch.optim.AdamW, clip_grad_norm_ 1.0, loss read every {args.log_every} step(s), "
-                        f"{_threads_per_rank(args.ranks)} threads/rank"))
+                        f"the same loop in torch DistributedDataParallel ({backend}, default 25 MB buckets): {loop}, "
+                        f"{per_rank(args.ranks)}"))
     for res, settings in results:
         print(f"{res['name']}: dsgpt {res['dsgpt']:,.0f} tokens/s, peer {res['peer']:,.0f} tokens/s, "
               f"ratio {res['ratio']:.3f} (pairs {res['lo']:.3f}-{res['hi']:.3f}); peer: {settings}")

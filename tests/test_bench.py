@@ -54,6 +54,19 @@ def test_peers_bench_runs_every_side_on_a_tiny_shape(capsys, monkeypatch):
     assert out.count("ratio ") == 6
 
 
+def test_peers_bench_in_bf16(capsys, monkeypatch):
+    """bf16: DeepSpeed's bf16 on dsgpt's and the HF Trainer's side, autocast in the plain loop."""
+    from bench import peers
+    from conftest import REPO
+    monkeypatch.setenv("DSGPT_CACHE", str(REPO / ".cache" / "dsgpt"))
+    assert peers.main(["--pairs", "1", "--steps", "2", "--warmup", "1", "--no-record", "--precision", "bf16",
+                       "--peers", "hf,plain", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+                       "model.block_size=32"]) == 0
+    out = capsys.readouterr().out
+    assert "micro 8/rank, bf16" in out and "bf16=True" in out and "fp32 weights under bf16 autocast" in out
+    assert out.count("ratio ") == 4
+
+
 def test_throughput_matrix_cells():
     from bench.throughput import cell_overrides, parse_matrix
     cells = parse_matrix(["zero=0,3", "offload=off,on", "micro=4"])
@@ -173,7 +186,7 @@ def test_gpu_suite_names_real_scripts_and_configs_that_load():
             overrides = [a for a in args if "=" in a and not a.startswith("--")]
             load_config(str(REPO / args[args.index("--config") + 1]), overrides)
     usage = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh")], capture_output=True, text=True)
-    assert usage.returncode == 2 and "usage: bash bench/gpu_suite.sh smoke|bench" in usage.stderr
+    assert usage.returncode == 2 and "usage: bash bench/gpu_suite.sh smoke|bench|peers" in usage.stderr
 
 
 def test_zero_memory_bench_runs_each_stage_on_a_tiny_shape(capsys):

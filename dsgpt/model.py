@@ -224,7 +224,7 @@ class GPT(nn.Module):
             chunk = self.config.loss_chunk_tokens
             if chunk:
                 return chunked_token_loss_sum(self.lm_head, x, targets, chunk)
-            return token_loss_sum(self.lm_head(x), targets, overwrite=True)  # the logits are not returned
+            return token_loss_sum(self.lm_head(x), targets, overwrite=False)  # the logits are not returned
         logits = self.lm_head(x)
         if cache is None:
             return logits
@@ -307,23 +307,28 @@ class _SummedCrossEntropy(torch.autograd.Function):
 
     F.cross_entropy keeps the fp32 log-probabilities (N x V) for backward and builds the gradient
     in more passes over N x V (a zero-filled one-hot, nll and log_softmax backward). Here forward
-    computes the softmax once, turns it into the gradient softmax - one-hot for backward to scale,
-    and works in the logits' own storage when ``overwrite`` says nobody else reads them (the
-    model's training loss): no N x V tensor is allocated at all for fp32 logits, and bf16 logits
-    get only their fp32 copy, which F.cross_entropy makes too."""
+    runs one softmax, turns it into the gradient softmax - one-hot for backward to scale, and
+    writes it over the logits when ``overwrite`` says nobody else reads them (the model's training
+    loss): no N x V tensor is allocated at all for fp32 logits, and bf16 logits get only the fp32
+    softmax, the size of F.cross_entropy's fp32 copy. The log-sum-exp comes from the softmax too:
+    the largest logit's probability is 1 / sum(exp(x - max)), never smaller than 1/V.
+
+    Not torch.exp: in about one training process in five on this CPU build (torch 2.13), its call in
+    the loss gave the rows of the second OpenMP thread relative errors of ~1e-4, so that two runs
+    of one seed differed; the softmax kernel computes its own exponentials and has not."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, overwrite: bool) -> torch.Tensor:
         counted = labels != IGNORE_INDEX
         target = labels.masked_fill(~counted, 0)[:, None]  # any valid index: these rows count as 0
         picked = logits.gather(1, target).squeeze(1).float()
-        work = logits.float()  # a copy unless the logits are fp32 already
-        top = work.amax(dim=-1, keepdim=True)
-        probs = (work.sub_(top) if overwrite or work is not logits else work - top).exp_()
-        total = probs.sum(dim=-1, keepdim=True)
-        lse = (top + total.log()).squeeze(1)
+        top, at_top = logits.max(dim=-1, keepdim=True)
+        work = logits.float()  # a copy unless the logits are fp32 already: then ours only if allowed
+        ours = overwrite or logits.dtype != torch.float32
+        probs = torch.softmax(work, -1, out=work if ours else None)
+        lse = (top.float() - probs.gather(1, at_top).log()).squeeze(1)
         if ctx.needs_input_grad[0]:
-            probs.div_(total).scatter_add_(1, target, probs.new_full(target.shape, -1.0))
+            probs.scatter_add_(1, target, probs.new_full(target.shape, -1.0))
             ctx.save_for_backward(probs, counted)
             ctx.dtype = logits.dtype
         return torch.where(counted, lse - picked, 0.0).sum()

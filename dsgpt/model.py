@@ -224,7 +224,7 @@ class GPT(nn.Module):
             chunk = self.config.loss_chunk_tokens
             if chunk:
                 return chunked_token_loss_sum(self.lm_head, x, targets, chunk)
-            return token_loss_sum(self.lm_head(x), targets, overwrite=False)  # the logits are not returned
+            return token_loss_sum(self.lm_head(x), targets, overwrite=True)  # the logits are not returned
         logits = self.lm_head(x)
         if cache is None:
             return logits

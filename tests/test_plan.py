@@ -15,7 +15,7 @@ from dsgpt import cli
 from dsgpt.config import load_config
 from dsgpt.ds_config import resolve_ds_config
 from dsgpt.errors import UserError
-from dsgpt.model import GPT, GPTConfig, summed_cross_entropy
+from dsgpt.model import GPT, GPTConfig
 from dsgpt.plan import (STRATEGIES, activation_bytes, block_bytes_per_token, format_plan, logit_bytes_per_entry,
                         logits_bytes,
                         make_request, model_states, param_layout, plan, write_run_config)
@@ -156,22 +156,24 @@ def test_per_layer_activation_formula_matches_saved_tensors(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_loss_peak_matches_the_logits_formula(dtype, tmp_path):
-    """The loss's peak, from the logits' allocation through backward (allocations recorded by the
-    profiler), is logit_bytes_per_entry per vocabulary entry per token: 4 in fp32, 6 in bf16."""
-    N, V, E = 512, 4096, 8
+    """The training loss's peak, through the model's own forward and backward (allocations recorded
+    by the profiler), is logit_bytes_per_entry per vocabulary entry per token (4 in fp32, 6 in bf16)
+    plus the rest of a one-layer, 8-wide model's activations and gradients (~5% of it here)."""
+    T, V = 512, 4096
     torch.manual_seed(0)
-    h = torch.randn(N, E, dtype=dtype, requires_grad=True)
-    w = torch.randn(V, E, dtype=dtype, requires_grad=True)
-    y = torch.randint(0, V, (N,))
+    m = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=T, vocab_size=V)
+    model = GPT(m).to(dtype).train()
+    x, y = torch.randint(0, V, (1, T)), torch.randint(0, V, (1, T))
     with torch.profiler.profile(profile_memory=True) as prof:
-        summed_cross_entropy(h @ w.t(), y, overwrite=True).backward()
+        loss_sum, _ = model(x, targets=y)
+        loss_sum.backward()
     prof.export_chrome_trace(str(tmp_path / "trace.json"))
     events = [e["args"] for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
               if e.get("name") == "[memory]"]
-    before = events[0]["Total Allocated"] - events[0]["Bytes"]  # the first is the logits' allocation
+    before = events[0]["Total Allocated"] - events[0]["Bytes"]  # in use before the forward
     peak = max(e["Total Allocated"] for e in events) - before
     a = torch.finfo(dtype).bits // 8
-    assert peak == pytest.approx(logit_bytes_per_entry(a) * N * V, rel=0.02)
+    assert 1.0 <= peak / (logit_bytes_per_entry(a) * T * V) <= 1.1
 
 
 # ---- the peak: measured RSS of CPU runs (ZeRO 0-2, fp32, 1 rank) -------------------------------

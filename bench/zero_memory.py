@@ -88,8 +88,10 @@ def main(argv=None) -> int:
         p.error(f"--stages takes ZeRO stages 0-3, not {' '.join(stages) or 'nothing'}")
     args.stages = [int(v) for v in stages]
     if args.measure:
+        from dsgpt.dist import exit_rank, teardown
         measure(args.config, args.overrides, args.steps, args.measure)
-        return 0
+        teardown()
+        exit_rank(0)  # a launched rank: gloo's exit clean-up can abort a finished rank (see exit_rank)
 
     date, machine, versions = common.context_cells()
     print(f"{'ZeRO':>4} {'params MB/rank':>15} {'optim state MB/rank':>20} {'in use GB':>10} {'peak GB':>8}"

@@ -416,7 +416,7 @@ def _add_plan(sub) -> None:
                        help="the tokenizer's vocabulary (padded to a multiple of 64, as the trainer does)")
     model.add_argument("--loss-chunk-tokens", type=int, metavar="N",
                        help="model.loss_chunk_tokens: the loss over N tokens' logits at a time (0 = all at once)")
-    model.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="default: the config's, else bf16")
+    model.add_argument("--precision", choices=("bf16", "bf16-mixed", "fp16", "fp32"), help="default: the config's, else bf16")
     hw = p.add_argument_group("machines")
     hw.add_argument("--gpus-per-node", type=int, default=1, metavar="G", help="default 1")
     hw.add_argument("--nodes", type=int, default=1, metavar="N", help="default 1")

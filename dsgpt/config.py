@@ -150,7 +150,11 @@ class Config(Section):
     optim: OptimSection = OptimSection()
     eval: EvalSection = EvalSection()
     deepspeed: DeepSpeedSection = DeepSpeedSection()
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # bf16 / fp16: DeepSpeed's 16-bit weights and gradients with an fp32 master copy. bf16-mixed: fp32
+    # weights, gradients and optimizer (DeepSpeed sees an fp32 model) with the forward under
+    # torch.autocast(bfloat16), as PyTorch AMP and nanoGPT train: on one GPU its step is ~1/4 of the
+    # host-side work of DeepSpeed's bf16 optimizer (bench/host_ops.py).
+    precision: Literal["fp32", "bf16", "bf16-mixed", "fp16"] = "fp32"
     # fp32 matmuls on TF32 tensor cores (CUDA GPUs from Ampere on; no effect on CPU): about 7x
     # an H100's plain fp32 rate, with a 10-bit mantissa in the products.
     tf32: bool = False

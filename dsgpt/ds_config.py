@@ -111,6 +111,12 @@ def resolve_ds_config(cfg: Config, world_size: int, on_gpu: bool) -> dict:
     conf.setdefault("fp16", {})["enabled"] = cfg.precision == "fp16"
     if cfg.precision != "fp16":
         conf["fp16"] = {"enabled": False}
+    if cfg.precision == "bf16-mixed":
+        # An empty list of "lower precision safe modules": DeepSpeed would otherwise reduce the
+        # gradients of every Linear in bf16; here they stay fp32 end to end, as under torch AMP + DDP.
+        conf["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    elif "torch_autocast" in conf:
+        conf["torch_autocast"] = {"enabled": False}
 
     leftovers = [k for k, v in _walk(conf) if v == AUTO]
     for key in leftovers:

@@ -50,7 +50,7 @@ def measure_cpu_peak_flops(precision: str = "fp32", seconds: float = 0.3) -> flo
     (AMX) reach their bf16 rate only on large matrices (at 128 such a CPU read about 7x low, which
     overstated bf16 MFU as much), while CPUs that emulate bf16 would spend seconds on the largest."""
     import torch
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if math_mode(precision, False) == "bf16" else torch.float32
     gen = torch.Generator().manual_seed(0)  # leave the global RNG alone: exact resume depends on it
     sizes = (256, 512, 1024)
     share = seconds / len(sizes)
@@ -72,7 +72,10 @@ def measure_cpu_peak_flops(precision: str = "fp32", seconds: float = 0.3) -> flo
 
 
 def math_mode(precision: str, tf32: bool) -> str:
-    """The peak-table column a run's matmuls use: fp32 runs on TF32 tensor cores when allowed."""
+    """The peak-table column a run's matmuls use: fp32 runs on TF32 tensor cores when allowed;
+    bf16-mixed runs its matmuls in bf16 (autocast)."""
+    if precision == "bf16-mixed":
+        return "bf16"
     return "tf32" if precision == "fp32" and tf32 else precision
 
 

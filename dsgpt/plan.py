@@ -3,7 +3,8 @@
 GPUs and reaches the global batch.
 
 Model states, in bytes per rank. Ψ = parameters (tied embedding once), N = data-parallel ranks,
-p = 2 under bf16/fp16 (weights and gradients in 16 bits, fp32 master copy) and 4 under fp32.
+p = 2 under bf16/fp16 (weights and gradients in 16 bits, fp32 master copy) and 4 under fp32 and
+bf16-mixed (DeepSpeed holds an fp32 model; only the forward runs under autocast).
 ZeRO 1/2 split each optimizer group (decayed matrices, undecayed vectors) into N equal slices after
 padding it to a multiple of 2N; ZeRO-3 splits every parameter into N slices of ceil(numel / N).
 What DeepSpeed 0.19 allocates, read from its source and checked against real engines in
@@ -47,6 +48,12 @@ formulas write it lV (l = 4 in fp32, 6 otherwise).
     checkpointing:     tokens·(L·aE + 2aE + 2a + 16) + max(lV·logit tokens, tokens·one block)
 
 (Without flash attention, e.g. dropout > 0 on CPU, the math kernel adds the H·T scores per token.)
+
+Under bf16-mixed (autocast) the residual stream stays fp32 (r = 4 bytes) while the matmuls' inputs and
+outputs are bf16 (a = 2): LayerNorm runs in fp32 and saves its fp32 input and statistics, the Linear
+after it saves the bf16 cast of its output. A block then saves 2rE + 14aE + 4r + 4H bytes per token
+(the formula above when r = a), checkpointing keeps rE per block, and autograd also keeps the bf16
+copy of every matmul weight (12E² per block, V·E for the head: 2 bytes each) from forward to backward.
 
 A rank's peak is the sum of all of it (the step's transients and the activations do not overlap
 in time, but the allocator keeps what activations freed: on CPU the RSS shows it, and on GPU the
@@ -203,19 +210,33 @@ def model_states(m: GPTConfig, ds: dict, world: int, on_gpu: bool = True) -> Mod
         host=host)
 
 
-def activation_bytes_per_token(m: GPTConfig, a: int, checkpointing: bool) -> int:
+def activation_widths(precision: str) -> tuple[int, int]:
+    """(a, r): bytes of the matmuls' activations and of the residual stream (LayerNorm's input and
+    statistics). They differ only under autocast (bf16-mixed), where the stream stays fp32."""
+    return {"fp32": (4, 4), "bf16-mixed": (2, 4)}.get(precision, (2, 2))
+
+
+def activation_bytes_per_token(m: GPTConfig, a: int, checkpointing: bool, r: Optional[int] = None) -> int:
     """Activation bytes per token of a micro batch, the logits' loss aside (`logits_bytes`): the
     blocks, and ln_f's input, output and statistics plus the token ids and targets."""
-    E, L = m.n_embd, m.n_layer
-    outside = 2 * a * E + 2 * a + 16 + (E if m.dropout > 0 else 0)  # ln_f, ids and targets, embedding dropout
-    return (L * a * E if checkpointing else L * block_bytes_per_token(m, a)) + outside
+    E, L, r = m.n_embd, m.n_layer, r or a
+    outside = r * E + a * E + 2 * r + 16 + (E if m.dropout > 0 else 0)  # ln_f, ids and targets, embedding dropout
+    return (L * r * E if checkpointing else L * block_bytes_per_token(m, a, r)) + outside
 
 
-def block_bytes_per_token(m: GPTConfig, a: int) -> int:
-    """What autograd saves in one block per token: 16 activations of width E, LayerNorm statistics,
-    the attention's log-sum-exp (fp32 per head), dropout masks."""
+def block_bytes_per_token(m: GPTConfig, a: int, r: Optional[int] = None) -> int:
+    """What autograd saves in one block per token: 16 activations of width E (the two LayerNorm
+    inputs in the residual stream's r bytes), LayerNorm statistics, the attention's log-sum-exp
+    (fp32 per head), dropout masks."""
+    r = r or a
     masks = 2 * m.n_embd if m.dropout > 0 else 0  # one byte per element, two dropouts per block
-    return 16 * a * m.n_embd + 4 * a + 4 * m.n_head + masks
+    return 2 * r * m.n_embd + 14 * a * m.n_embd + 4 * r + 4 * m.n_head + masks
+
+
+def autocast_weight_bytes(m: GPTConfig, layers: int, head: bool = True) -> int:
+    """Under autocast, the bf16 copies of the matmul weights that autograd keeps for backward:
+    `layers` blocks' 12E² and the head's V·E."""
+    return 2 * (layers * 12 * m.n_embd ** 2 + (m.vocab_size * m.n_embd if head else 0))
 
 
 def logit_bytes_per_entry(a: int) -> int:
@@ -231,14 +252,16 @@ def logits_bytes(m: GPTConfig, tokens: int, a: int) -> int:
     return logit_bytes_per_entry(a) * m.vocab_size * (min(chunk, tokens) if chunk else tokens)
 
 
-def activation_bytes(m: GPTConfig, micro: int, a: int, checkpointing: bool) -> int:
+def activation_bytes(m: GPTConfig, micro: int, a: int, checkpointing: bool, r: Optional[int] = None) -> int:
     """Peak activation bytes of a micro batch: everything saved, plus the larger of the loss's peak
     and (with checkpointing) one block recomputed in backward."""
     tokens = micro * m.block_size
-    saved = tokens * activation_bytes_per_token(m, a, checkpointing)
+    saved = tokens * activation_bytes_per_token(m, a, checkpointing, r)
+    casts = r is not None and r != a  # autocast: bf16 weight copies, all blocks' or the recomputed one's
     if checkpointing:
-        return saved + max(logits_bytes(m, tokens, a), tokens * block_bytes_per_token(m, a))
-    return saved + logits_bytes(m, tokens, a)
+        block = tokens * block_bytes_per_token(m, a, r) + (autocast_weight_bytes(m, 1, head=False) if casts else 0)
+        return saved + (autocast_weight_bytes(m, 0) if casts else 0) + max(logits_bytes(m, tokens, a), block)
+    return saved + (autocast_weight_bytes(m, m.n_layer) if casts else 0) + logits_bytes(m, tokens, a)
 
 
 def host_init_bytes(m: GPTConfig, stage: int) -> int:
@@ -394,7 +417,7 @@ def make_request(*, config: Optional[str] = None, preset: Optional[str] = None, 
 def plan(req: Request) -> Plan:
     per_rank = -(-req.batch_seqs // req.world)
     out = Plan(req, per_rank)
-    a = 2 if req.base.precision != "fp32" else 4
+    a, r = activation_widths(req.base.precision)
     divisors = [d for d in range(per_rank, 0, -1) if per_rank % d == 0]  # largest first
     for strategy in STRATEGIES:
         ds = _ds_config(req, strategy)
@@ -403,14 +426,14 @@ def plan(req: Request) -> Plan:
         host_ok = req.cpu_mem_gib is None or host <= req.cpu_mem_gib * GiB
         for ckpt in (False, True):
             micro = next((d for d in divisors
-                          if states.on_device + activation_bytes(req.model, d, a, ckpt) <= req.usable), None)
+                          if states.on_device + activation_bytes(req.model, d, a, ckpt, r) <= req.usable), None)
             why = ""
             if micro is None:
                 why = "one sequence does not fit the GPU"
             elif not host_ok:
                 why, micro = f"host needs {host / GiB:.1f} GiB per node > --cpu-mem {req.cpu_mem_gib:g}", None
             out.candidates.append(Candidate(strategy, ckpt, micro, per_rank // micro if micro else None, states,
-                                            activation_bytes(req.model, micro or 1, a, ckpt), host, why))
+                                            activation_bytes(req.model, micro or 1, a, ckpt, r), host, why))
     fitting = [c for c in out.candidates if c.fits]
     if not fitting:
         raise UserError(_nothing_fits(out))
@@ -461,13 +484,14 @@ def _gib(n: int) -> str:
 def format_plan(p: Plan) -> str:
     req, m, best = p.request, p.request.model, p.best
     n = sum(x for _, x, _ in param_layout(m))
-    a = 2 if p.precision != "fp32" else 4
+    w = 4 if p.precision in ("fp32", "bf16-mixed") else 2  # bytes of a weight and a gradient
     world = req.world
     lines = [
         f"model      {m.n_layer} layers x {m.n_embd} wide, {m.n_head} heads, context {m.block_size}, vocab "
         f"{m.vocab_size}{'' if m.bias else ', no biases'}: {n:,} parameters (tied embedding counted once)",
-        f"precision  {p.precision}: weights and gradients {a} bytes, "
-        + ("fp32 master 4, " if a == 2 else "") + "Adam moments 8 per parameter",
+        f"precision  {p.precision}: weights and gradients {w} bytes, "
+        + ("fp32 master 4, " if w == 2 else "") + "Adam moments 8 per parameter"
+        + ("; the forward's matmuls in bf16 (autocast)" if p.precision == "bf16-mixed" else ""),
         f"ranks      {_n(req.nodes, 'node')} x {_n(req.gpus_per_node, 'GPU')} = {world} data-parallel "
         f"rank{'' if world == 1 else 's'}; usable per GPU "
         f"{req.gpu_mem_gib:g} GiB x {1 - req.headroom:g} - {req.reserve_gib:g} GiB = {req.usable / GiB:.2f} GiB",
@@ -497,20 +521,27 @@ def format_plan(p: Plan) -> str:
 
 def _explain(p: Plan) -> list[str]:
     req, m, best = p.request, p.request.model, p.best
-    a = 2 if p.precision != "fp32" else 4
+    a, r = activation_widths(p.precision)
     L, T = m.n_layer, m.block_size
     tokens = best.micro * T
-    body = activation_bytes_per_token(m, a, best.checkpointing)
-    block = block_bytes_per_token(m, a)
+    body = activation_bytes_per_token(m, a, best.checkpointing, r)
+    block = block_bytes_per_token(m, a, r)
     logit_tokens = min(m.loss_chunk_tokens, tokens) if m.loss_chunk_tokens else tokens
     logits = logits_bytes(m, tokens, a)
     lv = f"{logit_bytes_per_entry(a)}V"
+    if r == a:
+        per_block, outside, kept = "16aE + 4a + 4H", "2aE + 2a + 16", "L*aE"
+        casts = ""
+    else:  # autocast: an fp32 residual stream (r) beside bf16 matmul activations (a), bf16 weight copies
+        per_block, outside, kept = "2rE + 14aE + 4r + 4H", "rE + aE + 2r + 16", "L*rE"
+        copies = autocast_weight_bytes(m, 0 if best.checkpointing else L)
+        casts = f" + bf16 weight copies {copies:,}"
     if best.checkpointing:
-        formula = (f"{tokens:,} tokens x (L*aE + 2aE + 2a + 16 = {body:,}) + max({lv} x {logit_tokens:,} logit tokens, "
-                   f"tokens x block {block:,})")
+        formula = (f"{tokens:,} tokens x ({kept} + {outside} = {body:,}){casts} + max({lv} x {logit_tokens:,} logit "
+                   f"tokens, tokens x block {block:,}" + (" + its weight copies" if casts else "") + ")")
     else:
-        formula = (f"{tokens:,} tokens x (L*(16aE + 4a + 4H) + 2aE + 2a + 16 = {L}*{block:,} + "
-                   f"{body - L * block:,} = {body:,}) + {lv} x {logit_tokens:,} logit tokens")
+        formula = (f"{tokens:,} tokens x (L*({per_block}) + {outside} = {L}*{block:,} + "
+                   f"{body - L * block:,} = {body:,}){casts} + {lv} x {logit_tokens:,} logit tokens")
     hint = []
     if not m.loss_chunk_tokens and logits > best.activations / 4:
         chunk = 4096

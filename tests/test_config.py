@@ -178,7 +178,7 @@ def test_wrong_type_names_key_and_value():
 
 @pytest.mark.parametrize("override, key, allowed", [
     ("optim.schedule=cosin", "optim.schedule", ["cosine", "linear", "step", "exponential", "constant"]),
-    ("precision=fp8", "precision", ["fp32", "bf16", "fp16"]),
+    ("precision=fp8", "precision", ["fp32", "bf16", "bf16-mixed", "fp16"]),
     ("train.on_nonfinite=ignore", "train.on_nonfinite", ["skip", "stop"]),
 ])
 def test_invalid_literal_lists_the_allowed_values(override, key, allowed):

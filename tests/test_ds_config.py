@@ -118,14 +118,21 @@ def test_zero_stage_defaults_to_0_without_a_zero_section(tmp_path):
     assert conf["train_micro_batch_size_per_gpu"] == 8 and conf["train_batch_size"] == 8
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("template_bf16, template_fp16", [("auto", "auto"), (True, False), (False, True)])
-def test_precision_decides_whatever_the_template_says(tmp_path, precision, template_bf16, template_fp16):
-    path = user_template(tmp_path, {"bf16": {"enabled": template_bf16},
-                                    "fp16": {"enabled": template_fp16, "initial_scale_power": 12}})
-    conf = resolve(f"deepspeed.config={path}", f"precision={precision}")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-mixed", "fp16"])
+@pytest.mark.parametrize("template_bf16, template_fp16, template_autocast",
+                         [("auto", "auto", None), (True, False, None), (False, True, None), (False, False, True)])
+def test_precision_decides_whatever_the_template_says(tmp_path, precision, template_bf16, template_fp16,
+                                                      template_autocast):
+    template = {"bf16": {"enabled": template_bf16}, "fp16": {"enabled": template_fp16, "initial_scale_power": 12}}
+    if template_autocast is not None:
+        template["torch_autocast"] = {"enabled": template_autocast, "dtype": "float16"}
+    conf = resolve(f"deepspeed.config={user_template(tmp_path, template)}", f"precision={precision}")
     assert conf["bf16"]["enabled"] is (precision == "bf16")
     assert conf["fp16"]["enabled"] is (precision == "fp16")
+    if precision == "bf16-mixed":  # fp32 weights; bf16 autocast; every gradient reduced in fp32
+        assert conf["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    else:
+        assert conf.get("torch_autocast", {"enabled": False}) == {"enabled": False}
     if precision == "fp16":
         assert conf["fp16"]["initial_scale_power"] == 12   # the template's loss-scale settings stay
     else:

@@ -20,6 +20,9 @@ def gpu_runs(corpus, tmp_path_factory):
     jobs = [{"name": f"{p}_z{z}", "overrides": tiny_overrides(corpus, out, f"{p}_z{z}", f"precision={p}",
                                                              f"deepspeed.zero_stage={z}", "train.max_steps=20")}
             for p in ("bf16", "fp16") for z in (0, 2, 3)]
+    jobs += [{"name": f"mixed_z{z}", "overrides": tiny_overrides(corpus, out, f"mixed_z{z}", "precision=bf16-mixed",
+                                                                f"deepspeed.zero_stage={z}", "train.max_steps=20")}
+             for z in (0, 2)]
     # A loss scale of 2**32 overflows at once: DeepSpeed skips steps while it halves the scale.
     template = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
     template["fp16"]["initial_scale_power"] = 32
@@ -53,3 +56,16 @@ def test_half_precision_trains_on_cuda(gpu_runs, precision, dtype, zero):
     if precision == "fp16":
         logged = [json.loads(x) for x in (out / f"fp16_z{zero}" / "metrics.jsonl").read_text().splitlines()]
         assert any("train/loss_scale" in r for r in logged)
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_bf16_mixed_trains_on_cuda_with_fused_adamw(gpu_runs, zero):
+    results, _ = gpu_runs
+    summary = results[f"mixed_z{zero}"][0]
+    facts = summary["engine"]
+    assert facts["zero_stage"] == zero and facts["param_dtype"] == "float32" and facts["autocast"] == "bfloat16"
+    assert facts["fused_optimizer"]  # torch's fused AdamW: a few multi-tensor kernels per step
+    if zero == 0:
+        assert facts["optimizer"] == "GuardedAdamW"
+    steps = losses(summary)
+    assert len(steps) >= 15 and steps[-1] < steps[0]

@@ -53,6 +53,7 @@ def test_math_mode_follows_the_tf32_switch():
     from dsgpt.metrics import math_mode
     assert math_mode("fp32", False) == "fp32" and math_mode("fp32", True) == "tf32"
     assert math_mode("bf16", True) == "bf16"  # bf16 matmuls use the bf16 column either way
+    assert math_mode("bf16-mixed", False) == "bf16"  # autocast: the matmuls run in bf16
 
 
 def test_every_row_matches_its_own_name():

@@ -16,20 +16,22 @@ from dsgpt.config import load_config
 from dsgpt.ds_config import resolve_ds_config
 from dsgpt.errors import UserError
 from dsgpt.model import GPT, GPTConfig
-from dsgpt.plan import (STRATEGIES, activation_bytes, block_bytes_per_token, format_plan, logit_bytes_per_entry,
-                        logits_bytes,
-                        make_request, model_states, param_layout, plan, write_run_config)
+from dsgpt.plan import (STRATEGIES, activation_bytes, activation_widths, autocast_weight_bytes, block_bytes_per_token,
+                        format_plan, logit_bytes_per_entry, logits_bytes, make_request, model_states, param_layout,
+                        plan, write_run_config)
 
 # Odd sizes on purpose: 45 wide, 33 positions, groups of odd length, so ZeRO's padding shows.
 ODD = ["model.n_layer=3", "model.n_head=3", "model.n_embd=45", "model.block_size=33", "data.builtin_vocab_size=500",
        "train.micro_batch_size=2", "model.activation_checkpointing=false"]
 ODD_SHAPE = GPTConfig(n_layer=3, n_head=3, n_embd=45, block_size=33, vocab_size=512)  # 500 padded to 64
 BF16 = ["precision=bf16"]
+MIXED = ["precision=bf16-mixed"]  # fp32 model states, like fp32
 SETUPS = {  # job name -> overrides on configs/tiny.yaml: each stage with its template, as users run it
     name: [f"deepspeed.config=ds_configs/{template}.json", f"deepspeed.zero_stage={stage}", *extra]
     for name, template, stage, extra in [
         ("zero0", "zero0", 0, []), ("zero1", "zero1", 1, []), ("zero2", "zero2", 2, []), ("zero3", "zero3", 3, []),
         ("zero0_bf16", "zero0", 0, BF16), ("zero1_bf16", "zero1", 1, BF16), ("zero3_bf16", "zero3", 3, BF16),
+        ("zero0_mixed", "zero0", 0, MIXED), ("zero2_mixed", "zero2", 2, MIXED),
         ("zero2_offload", "zero2_offload", 2, []), ("zero3_offload", "zero3_offload", 3, [])]
 }
 
@@ -152,6 +154,28 @@ def test_per_layer_activation_formula_matches_saved_tensors(dtype):
     m = GPTConfig(n_layer=3, n_head=4, n_embd=96, block_size=48, vocab_size=256)
     assert per_layer[False] == block_bytes_per_token(m, a) == 16 * a * 96 + 4 * a + 4 * 4
     assert per_layer[True] == a * 96  # checkpointing keeps each block's input only
+
+
+def test_per_layer_activation_formula_under_autocast():
+    """bf16-mixed: fp32 weights and residual stream, the matmuls' activations and weight copies in bf16."""
+    x = torch.randint(0, 256, (2, 48))
+    y = torch.randint(0, 256, (2, 48))
+    per_layer = {}
+    for ckpt in (False, True):
+        saved = []
+        for L in (2, 3):
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(n_layer=L, n_head=4, n_embd=96, block_size=48, vocab_size=256)).train()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                saved.append(saved_activation_bytes(model, x, y, ckpt))
+        per_layer[ckpt] = saved[1] - saved[0]
+    m = GPTConfig(n_layer=3, n_head=4, n_embd=96, block_size=48, vocab_size=256)
+    a, r = activation_widths("bf16-mixed")
+    assert (a, r) == (2, 4)
+    one_block_copies = autocast_weight_bytes(m, 1, head=False)
+    assert one_block_copies == 2 * 12 * 96 ** 2
+    assert per_layer[False] == x.numel() * block_bytes_per_token(m, a, r) + one_block_copies
+    assert per_layer[True] == x.numel() * r * 96  # checkpointing keeps each block's fp32 input only
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -358,3 +382,19 @@ def test_loss_chunking_shrinks_the_logits_and_the_plan_uses_it(tmp_path):
     assert "hint" not in format_plan(with_chunks)
     write_run_config(with_chunks, tmp_path / "c.yaml")
     assert load_config(str(tmp_path / "c.yaml")).model.loss_chunk_tokens == 4096
+
+
+def test_bf16_mixed_plans_fp32_model_states_and_autocast_activations():
+    def planned(precision):
+        return plan(make_request(preset="gpt2-124m", gpu_mem_gib=80, batch_seqs=32, precision=precision))
+    mixed, fp32 = planned("bf16-mixed"), planned("fp32")
+    for cm, cf in zip(mixed.candidates, fp32.candidates):
+        assert cm.states == cf.states  # DeepSpeed holds an fp32 model either way
+        m = mixed.request.model
+        a, r = activation_widths("bf16-mixed")
+        assert cm.activations == activation_bytes(m, cm.micro, a, cm.checkpointing, r)
+        if not cm.checkpointing:  # (with it, the bf16 logits' 6V per token outweigh fp32's 4V)
+            assert cm.activations < activation_bytes(m, cm.micro, 4, False)  # fp32 at the same micro batch
+    text = format_plan(mixed)
+    assert "precision  bf16-mixed: weights and gradients 4 bytes, Adam moments 8" in text and "autocast" in text
+    assert "2rE + 14aE + 4r + 4H" in text and "bf16 weight copies" in text

@@ -11,12 +11,16 @@ from dsgpt.model import param_groups
 from dsgpt.train.schedules import build_scheduler
 
 
+# Precisions whose weights DeepSpeed holds in fp32 (bf16-mixed only runs the forward under autocast).
+FP32_WEIGHTS = ("fp32", "bf16-mixed")
+
+
 class GuardedAdamW(torch.optim.AdamW):
     """AdamW that clips, records the gradient norm and skips non-finite steps by itself.
 
-    DeepSpeed hands the raw optimizer the gradients only under ZeRO 0 in fp32; there it neither
-    records the norm nor checks for inf/NaN (its ZeRO, bf16 and fp16 optimizers do both). The
-    engine reads `overflow` and `_global_grad_norm` from whatever optimizer it holds.
+    DeepSpeed hands the raw optimizer the gradients only under ZeRO 0 with fp32 weights (fp32 and
+    bf16-mixed); there it neither records the norm nor checks for inf/NaN (its ZeRO, bf16 and fp16
+    optimizers do both). On a GPU the update is torch's fused kernel. The engine reads `overflow` and `_global_grad_norm` from whatever optimizer it holds.
     """
 
     def __init__(self, params, clip: float, **kwargs):
@@ -51,8 +55,8 @@ def build_optimizer(model, cfg: Config, ds_config: dict, on_gpu: bool):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    if stage == 0 and cfg.precision == "fp32":
-        return GuardedAdamW(groups, clip=o.grad_clip, **kwargs)
+    if stage == 0 and cfg.precision in FP32_WEIGHTS:
+        return GuardedAdamW(groups, clip=o.grad_clip, fused=on_gpu, **kwargs)
     return torch.optim.AdamW(groups, fused=on_gpu, **kwargs)
 
 
@@ -93,8 +97,11 @@ def describe_engine(engine) -> dict:
         "param_dtype": str(getattr(first, "ds_tensor", first).dtype).replace("torch.", ""),
         "bf16": engine.bfloat16_enabled(),
         "fp16": engine.fp16_enabled(),
+        "autocast": (str(engine.torch_autocast_dtype()).replace("torch.", "")  # the forward's matmul dtype
+                     if engine.torch_autocast_enabled() else None),
         "offload_optimizer": bool(engine.zero_cpu_offload()),
         "optimizer": type(inner).__name__,
+        "fused_optimizer": bool(getattr(inner, "defaults", {}).get("fused")),  # torch's one-kernel update (GPU)
         "wrapper": type(opt).__name__,
         "optimizer_state_bytes": state_bytes,
         "gradient_accumulation_steps": engine.gradient_accumulation_steps(),

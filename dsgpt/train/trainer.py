@@ -225,7 +225,8 @@ class Run:
 
     def _announce(self, facts: dict) -> None:
         offload = " (optimizer offloaded to CPU)" if facts["offload_optimizer"] else ""
-        self.console(f"engine: ZeRO {facts['zero_stage']}, {facts['param_dtype']} parameters, "
+        autocast = f" (forward under {facts['autocast']} autocast)" if facts["autocast"] else ""
+        self.console(f"engine: ZeRO {facts['zero_stage']}, {facts['param_dtype']} parameters{autocast}, "
                      f"{facts['optimizer']}{offload}, {self.ctx.world_size} rank(s) on {self.ctx.device_type} "
                      f"({self.ctx.backend}), global batch {facts['train_batch_size']} x "
                      f"{self.mcfg.block_size} tokens")

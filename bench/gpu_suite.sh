@@ -6,6 +6,8 @@
 #                                   # and the ops that take gpt2-124m's step time (train.profile)
 #   bash bench/gpu_suite.sh peers   # gpt2-124m's shape: dsgpt beside a plain PyTorch loop (bf16 autocast,
 #                                   # fused AdamW) on one GPU: how much of the step is the model's own
+#   bash bench/gpu_suite.sh mixed   # the host's operations per step (DeepSpeed's bf16 ZeRO-1 vs bf16-mixed
+#                                   # ZeRO-0 with fused AdamW), then MFU of bf16-mixed ZeRO-0 on the presets
 #
 # Every figure goes to bench/RESULTS.md. PYTHON picks the interpreter (default: python). The built-in
 # corpus stands in for real data: the presets train on it with GPT-2's padded vocabulary size.
@@ -37,8 +39,16 @@ peers)
     $PY bench/peers.py --peers plain --pairs 2 --steps 10 --warmup 3 --precision bf16 model.n_layer=12 \
         model.n_embd=768 model.n_head=12 model.block_size=1024 model.vocab_size=50304 train.micro_batch_size=16
     ;;
+mixed)
+    $PY bench/host_ops.py --config configs/gpt2-124m.yaml --steps 3 $DATA \
+        --variant "precision=bf16 deepspeed.zero_stage=1" --variant "precision=bf16-mixed deepspeed.zero_stage=0"
+    $PY bench/throughput.py --config configs/gpt2-124m.yaml --steps 10 $DATA precision=bf16-mixed \
+        deepspeed.zero_stage=0 model.compile=true --matrix micro=16,32
+    $PY bench/throughput.py --config configs/gpt2-350m.yaml --steps 10 $DATA precision=bf16-mixed \
+        deepspeed.zero_stage=0 model.compile=true --matrix micro=16
+    ;;
 *)
-    echo "usage: bash bench/gpu_suite.sh smoke|bench|peers (see the top of this file)" >&2
+    echo "usage: bash bench/gpu_suite.sh smoke|bench|peers|mixed (see the top of this file)" >&2
     exit 2
     ;;
 esac

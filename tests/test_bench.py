@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import re
+
 import pytest
 
 from bench.common import append_row
@@ -186,7 +189,7 @@ def test_gpu_suite_names_real_scripts_and_configs_that_load():
             overrides = [a for a in args if "=" in a and not a.startswith("--")]
             load_config(str(REPO / args[args.index("--config") + 1]), overrides)
     usage = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh")], capture_output=True, text=True)
-    assert usage.returncode == 2 and "usage: bash bench/gpu_suite.sh smoke|bench|peers" in usage.stderr
+    assert usage.returncode == 2 and "usage: bash bench/gpu_suite.sh smoke|bench|peers|mixed" in usage.stderr
 
 
 def test_zero_memory_bench_runs_each_stage_on_a_tiny_shape(capsys):
@@ -218,3 +221,27 @@ def test_crash_saves_bench_resumes_after_a_kill(capsys, monkeypatch):
     monkeypatch.setenv("DSGPT_CACHE", str(REPO / ".cache" / "dsgpt"))  # the built-in corpus the other tests prepare
     assert crash_saves.main(["--trials", "1", "--no-record"]) == 0
     assert '"kills": 1' in capsys.readouterr().out
+
+
+def test_host_ops_bench_counts_each_phase_of_a_step(capsys, tmp_path, monkeypatch):
+    """A smoke run of two variants on a tiny shape: every phase dispatches operations, and DeepSpeed's
+    bf16 ZeRO-1 optimizer (per-parameter gradient hooks and overflow checks) dispatches more than the
+    fp32-weight ZeRO-0 path, whatever the machine."""
+    from bench import common, host_ops
+    monkeypatch.setattr(common, "append_row", functools.partial(common.append_row, path=tmp_path / "RESULTS.md"))
+    assert host_ops.main(["--config", "configs/tiny.yaml", "--steps", "1", "--warmup", "1",
+                          "--variant", "precision=bf16 deepspeed.zero_stage=1",
+                          "--variant", "precision=bf16-mixed deepspeed.zero_stage=0",
+                          "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=16"]) == 0
+    out = capsys.readouterr().out
+    totals = [int(x.replace(",", "")) for x in re.findall(r": ([\d,]+) ops per step", out)]
+    assert len(totals) == 2 and totals[0] > totals[1] > 0, out
+    rows = table_rows((tmp_path / "RESULTS.md").read_text(), host_ops.SECTION)
+    assert len(rows) == 2 and "precision=bf16-mixed deepspeed.zero_stage=0" in rows[1]
+
+
+def test_host_ops_bench_refuses_compile():
+    from bench import host_ops
+    with pytest.raises(SystemExit, match="torch.compile"):
+        host_ops.main(["--config", "configs/tiny.yaml", "--steps", "1", "--warmup", "0", "model.compile=true",
+                       "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16"])

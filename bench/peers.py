@@ -232,11 +232,14 @@ def main(argv=None) -> int:
                  "train.micro_batch_size": "micro"}.get(key)
         if short:
             args.shape_dict[short] = int(value)
-    if args.worker == "hf":
-        worker_hf(args.shape_dict, args.steps, args.warmup, args.zero, args.log_every, args.precision)
-        return 0
-    if args.worker in ("plain", "ddp"):
-        worker_plain(args.shape_dict, args.steps, args.warmup, args.log_every, args.precision)
+    if args.worker:
+        if args.worker == "hf":
+            worker_hf(args.shape_dict, args.steps, args.warmup, args.zero, args.log_every, args.precision)
+        else:
+            worker_plain(args.shape_dict, args.steps, args.warmup, args.log_every, args.precision)
+        from dsgpt import dist
+        dist.teardown()
+        dist.exit_rank(0)  # as every launched rank ends: past gloo's exit-time clean-up, which can abort it
         return 0
 
     import torch

@@ -103,9 +103,11 @@ def worker_hf(shape: dict, steps: int, warmup: int, zero: int, log_every: int, p
             logging_steps=log_every, save_strategy="no", eval_strategy="no", report_to=[],
             dataloader_num_workers=0, disable_tqdm=True, deepspeed=ds_config, seed=0, bf16=precision == "bf16",
             use_cpu=precision == "bf16" and not torch.cuda.is_available())  # its bf16 check wants it said
-        Trainer(model=model, args=args, train_dataset=Windows(), callbacks=[Clock()]).train()
+        trainer = Trainer(model=model, args=args, train_dataset=Windows(), callbacks=[Clock()])
+        trainer.train()
     if rank == 0:
         _report(times[warmup:], shape, world=int(os.environ.get("WORLD_SIZE", "1")))
+    _end_launched_rank()  # with the Trainer and its engine still alive
 
 
 def worker_plain(shape: dict, steps: int, warmup: int, log_every: int, precision: str) -> None:
@@ -148,10 +150,26 @@ def worker_plain(shape: dict, steps: int, warmup: int, log_every: int, precision
         if on_gpu:
             torch.cuda.synchronize()  # the step's time is its GPU work too
         times.append(time.perf_counter() - t0)
-    if world > 1:
-        td.destroy_process_group()
     if rank == 0:
         _report(times[warmup:], shape, world=world)
+    if world > 1:
+        # Ended while DDP still holds the process group: freeing its Reducer (the last reference)
+        # joins gloo's worker threads under the GIL while one of them can be waiting for the GIL to
+        # free a finished work item (a deadlock, seen once in a test run).
+        _end_launched_rank()
+
+
+def _end_launched_rank() -> None:
+    """A launched rank (WORLD_SIZE > 1) ends as dsgpt's do (dsgpt.dist.exit_rank), past the C++
+    clean-up of gloo at interpreter exit, which can abort or hang a finished rank; a plain process
+    carries on and returns."""
+    import torch.distributed as td
+
+    from dsgpt import dist
+    if dist.launched_world_size() > 1:
+        if td.is_initialized():
+            td.barrier()  # every rank is done with its collectives
+        dist.exit_rank(0)
 
 
 def _report(times: list[float], shape: dict, world: int) -> None:
@@ -237,9 +255,6 @@ def main(argv=None) -> int:
             worker_hf(args.shape_dict, args.steps, args.warmup, args.zero, args.log_every, args.precision)
         else:
             worker_plain(args.shape_dict, args.steps, args.warmup, args.log_every, args.precision)
-        from dsgpt import dist
-        dist.teardown()
-        dist.exit_rank(0)  # as every launched rank ends: past gloo's exit-time clean-up, which can abort it
         return 0
 
     import torch

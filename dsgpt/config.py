@@ -142,6 +142,11 @@ class DeepSpeedSection(Section):
     steps_per_print: int = 0
 
 
+# Precisions whose weights, gradients and optimizer state DeepSpeed holds in fp32 (bf16-mixed only
+# runs the forward under autocast).
+FP32_WEIGHTS = ("fp32", "bf16-mixed")
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     model: ModelSection = ModelSection()

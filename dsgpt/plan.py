@@ -83,7 +83,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from dsgpt.config import REPO_ROOT, Config, build_config, load_config
+from dsgpt.config import FP32_WEIGHTS, REPO_ROOT, Config, build_config, load_config
 from dsgpt.errors import UserError
 from dsgpt.model import PRESETS, GPTConfig
 
@@ -484,7 +484,7 @@ def _gib(n: int) -> str:
 def format_plan(p: Plan) -> str:
     req, m, best = p.request, p.request.model, p.best
     n = sum(x for _, x, _ in param_layout(m))
-    w = 4 if p.precision in ("fp32", "bf16-mixed") else 2  # bytes of a weight and a gradient
+    w = 4 if p.precision in FP32_WEIGHTS else 2  # bytes of a weight and a gradient
     world = req.world
     lines = [
         f"model      {m.n_layer} layers x {m.n_embd} wide, {m.n_head} heads, context {m.block_size}, vocab "

@@ -138,19 +138,26 @@ def saved_activation_bytes(model: GPT, x, y, checkpointing: bool) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_per_layer_activation_formula_matches_saved_tensors(dtype):
-    a = torch.finfo(dtype).bits // 8
-    x = torch.randint(0, 256, (2, 48))
-    y = torch.randint(0, 256, (2, 48))
+def one_more_layer_saves(x, y, dtype=torch.float32, autocast: bool = False) -> dict:
+    """{checkpointing: bytes autograd saves for a third block over a two-block model}."""
     per_layer = {}
     for ckpt in (False, True):
         saved = []
         for L in (2, 3):
             torch.manual_seed(0)
-            m = GPTConfig(n_layer=L, n_head=4, n_embd=96, block_size=48, vocab_size=256)
-            saved.append(saved_activation_bytes(GPT(m).to(dtype).train(), x, y, ckpt))
-        per_layer[ckpt] = (saved[1] - saved[0]) / x.numel()
+            model = GPT(GPTConfig(n_layer=L, n_head=4, n_embd=96, block_size=48, vocab_size=256)).to(dtype).train()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                saved.append(saved_activation_bytes(model, x, y, ckpt))
+        per_layer[ckpt] = saved[1] - saved[0]
+    return per_layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_layer_activation_formula_matches_saved_tensors(dtype):
+    a = torch.finfo(dtype).bits // 8
+    x = torch.randint(0, 256, (2, 48))
+    y = torch.randint(0, 256, (2, 48))
+    per_layer = {k: v / x.numel() for k, v in one_more_layer_saves(x, y, dtype).items()}
     m = GPTConfig(n_layer=3, n_head=4, n_embd=96, block_size=48, vocab_size=256)
     assert per_layer[False] == block_bytes_per_token(m, a) == 16 * a * 96 + 4 * a + 4 * 4
     assert per_layer[True] == a * 96  # checkpointing keeps each block's input only
@@ -160,15 +167,7 @@ def test_per_layer_activation_formula_under_autocast():
     """bf16-mixed: fp32 weights and residual stream, the matmuls' activations and weight copies in bf16."""
     x = torch.randint(0, 256, (2, 48))
     y = torch.randint(0, 256, (2, 48))
-    per_layer = {}
-    for ckpt in (False, True):
-        saved = []
-        for L in (2, 3):
-            torch.manual_seed(0)
-            model = GPT(GPTConfig(n_layer=L, n_head=4, n_embd=96, block_size=48, vocab_size=256)).train()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                saved.append(saved_activation_bytes(model, x, y, ckpt))
-        per_layer[ckpt] = saved[1] - saved[0]
+    per_layer = one_more_layer_saves(x, y, autocast=True)
     m = GPTConfig(n_layer=3, n_head=4, n_embd=96, block_size=48, vocab_size=256)
     a, r = activation_widths("bf16-mixed")
     assert (a, r) == (2, 4)

@@ -6,13 +6,9 @@ import math
 
 import torch
 
-from dsgpt.config import Config
+from dsgpt.config import FP32_WEIGHTS, Config
 from dsgpt.model import param_groups
 from dsgpt.train.schedules import build_scheduler
-
-
-# Precisions whose weights DeepSpeed holds in fp32 (bf16-mixed only runs the forward under autocast).
-FP32_WEIGHTS = ("fp32", "bf16-mixed")
 
 
 class GuardedAdamW(torch.optim.AdamW):

@@ -1,6 +1,6 @@
 """`model.compile: true` (DeepSpeed's engine.compile: torch.compile of the model in place, inductor)
 trains as the eager model does, under ZeRO 1 and under ZeRO-3, whose parameter hooks split the
-graph at each layer. 2 CPU ranks over gloo."""
+graph at each layer, and with bf16-mixed's autocast under ZeRO 0. 2 CPU ranks over gloo."""
 
 from __future__ import annotations
 
@@ -16,15 +16,20 @@ def rel_close(a: list[float], b: list[float], tol: float) -> bool:
 @pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory):
     work = tmp_path_factory.mktemp("compile")
-    jobs = [{"name": f"{kind}_z{z}", "overrides": tiny_overrides(
-        corpus, work / "runs", f"{kind}_z{z}", "train.max_steps=6", "train.eval_interval=6", f"deepspeed.zero_stage={z}",
-        *(["model.compile=true"] if kind == "compiled" else []))} for z in (1, 3) for kind in ("eager", "compiled")]
+    jobs = [{"name": f"{kind}_{case}", "overrides": tiny_overrides(
+        corpus, work / "runs", f"{kind}_{case}", "train.max_steps=6", "train.eval_interval=6",
+        f"deepspeed.zero_stage={CASES[case][0]}", f"precision={CASES[case][1]}",
+        *(["model.compile=true"] if kind == "compiled" else []))} for case in CASES for kind in ("eager", "compiled")]
     return run_jobs(jobs, ranks=2, work=work / "jobs")
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_compiled_model_trains_like_the_eager_one(runs, stage):
-    compiled, eager = runs[f"compiled_z{stage}"][0], runs[f"eager_z{stage}"][0]
+CASES = {"z1": (1, "fp32"), "z3": (3, "fp32"), "mixed_z0": (0, "bf16-mixed")}  # name: (ZeRO stage, precision)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_compiled_model_trains_like_the_eager_one(runs, case):
+    stage = CASES[case][0]
+    compiled, eager = runs[f"compiled_{case}"][0], runs[f"eager_{case}"][0]
     assert "error" not in compiled, compiled
     assert compiled["engine"]["zero_stage"] == stage
     assert compiled["engine"]["compiled"] and not eager["engine"]["compiled"]

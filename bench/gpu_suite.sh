@@ -4,8 +4,9 @@
 #   bash bench/gpu_suite.sh smoke   # the GPU tests (bf16/fp16 over NCCL, ZeRO 0/2/3), the matmul rate
 #   bash bench/gpu_suite.sh bench   # host syncs of a step, MFU of the GPT-2 presets (bf16, block 1024),
 #                                   # and the ops that take gpt2-124m's step time (train.profile)
-#   bash bench/gpu_suite.sh peers   # gpt2-124m's shape: dsgpt beside a plain PyTorch loop (bf16 autocast,
-#                                   # fused AdamW) on one GPU: how much of the step is the model's own
+#   bash bench/gpu_suite.sh peers   # gpt2-124m's shape: dsgpt (bf16, then bf16-mixed) beside a plain PyTorch
+#                                   # loop (bf16 autocast, fused AdamW) on one GPU: how much of the step
+#                                   # is the model's own
 #   bash bench/gpu_suite.sh mixed   # the host's operations per step (DeepSpeed's bf16 ZeRO-1 vs bf16-mixed
 #                                   # ZeRO-0 with fused AdamW), then MFU of bf16-mixed ZeRO-0 on the presets
 #
@@ -36,8 +37,10 @@ bench)
         deepspeed.zero_stage=1 model.activation_checkpointing=false --matrix micro=8
     ;;
 peers)
-    $PY bench/peers.py --peers plain --pairs 2 --steps 10 --warmup 3 --precision bf16 model.n_layer=12 \
-        model.n_embd=768 model.n_head=12 model.block_size=1024 model.vocab_size=50304 train.micro_batch_size=16
+    for precision in bf16 bf16-mixed; do
+        $PY bench/peers.py --peers plain --pairs 2 --steps 10 --warmup 3 --precision $precision model.n_layer=12 \
+            model.n_embd=768 model.n_head=12 model.block_size=1024 model.vocab_size=50304 train.micro_batch_size=16
+    done
     ;;
 mixed)
     $PY bench/host_ops.py --config configs/gpt2-124m.yaml --steps 3 $DATA \

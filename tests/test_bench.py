@@ -245,3 +245,17 @@ def test_host_ops_bench_refuses_compile():
     with pytest.raises(SystemExit, match="torch.compile"):
         host_ops.main(["--config", "configs/tiny.yaml", "--steps", "1", "--warmup", "0", "model.compile=true",
                        "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16"])
+
+
+def test_peers_bench_in_bf16_mixed_against_the_plain_loop(capsys, monkeypatch):
+    """bf16-mixed: dsgpt in the plain loop's own recipe (fp32 weights under autocast); no HF side."""
+    from bench import peers
+    from conftest import REPO
+    monkeypatch.setenv("DSGPT_CACHE", str(REPO / ".cache" / "dsgpt"))
+    tiny = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=32"]
+    assert peers.main(["--pairs", "1", "--steps", "2", "--warmup", "1", "--no-record", "--precision", "bf16-mixed",
+                       "--peers", "plain", *tiny]) == 0
+    out = capsys.readouterr().out
+    assert "micro 8/rank, bf16-mixed" in out and "fp32 weights under bf16 autocast" in out and out.count("ratio ") == 2
+    assert peers.main(["--precision", "bf16-mixed", "--no-record", *tiny]) == 2  # the default peers include hf
+    assert "--peers plain,ddp" in capsys.readouterr().err

@@ -154,11 +154,10 @@ def worker_plain(shape: dict, steps: int, warmup: int, log_every: int, precision
         times.append(time.perf_counter() - t0)
     if rank == 0:
         _report(times[warmup:], shape, world=world)
-    if world > 1:
-        # Ended while DDP still holds the process group: freeing its Reducer (the last reference)
-        # joins gloo's worker threads under the GIL while one of them can be waiting for the GIL to
-        # free a finished work item (a deadlock, seen once in a test run).
-        _end_launched_rank()
+    # Ended while DDP still holds the process group: freeing its Reducer (the last reference) joins
+    # gloo's worker threads under the GIL while one of them can be waiting for the GIL to free a
+    # finished work item (a deadlock, seen once in a test run).
+    _end_launched_rank()
 
 
 def _end_launched_rank() -> None:

@@ -16,7 +16,8 @@ class GuardedAdamW(torch.optim.AdamW):
 
     DeepSpeed hands the raw optimizer the gradients only under ZeRO 0 with fp32 weights (fp32 and
     bf16-mixed); there it neither records the norm nor checks for inf/NaN (its ZeRO, bf16 and fp16
-    optimizers do both). On a GPU the update is torch's fused kernel. The engine reads `overflow` and `_global_grad_norm` from whatever optimizer it holds.
+    optimizers do both). On a GPU the update is torch's fused kernel. The engine reads `overflow`
+    and `_global_grad_norm` from whatever optimizer it holds.
     """
 
     def __init__(self, params, clip: float, **kwargs):
@@ -97,7 +98,7 @@ def describe_engine(engine) -> dict:
                      if engine.torch_autocast_enabled() else None),
         "offload_optimizer": bool(engine.zero_cpu_offload()),
         "optimizer": type(inner).__name__,
-        "fused_optimizer": bool(getattr(inner, "defaults", {}).get("fused")),  # torch's one-kernel update (GPU)
+        "fused_optimizer": bool(getattr(inner, "defaults", {}).get("fused")),  # torch's fused update (GPU)
         "wrapper": type(opt).__name__,
         "optimizer_state_bytes": state_bytes,
         "gradient_accumulation_steps": engine.gradient_accumulation_steps(),

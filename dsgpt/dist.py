@@ -288,13 +288,8 @@ def barrier() -> None:
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
-    """Sum a few floats over all ranks in one collective."""
-    import torch
-    import torch.distributed as td
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if td.is_initialized() and td.get_world_size() > 1:
-        td.all_reduce(t)
-    return t.tolist()
+    """Sum a few floats over all ranks in one collective (none on one rank)."""
+    return _all_reduce_floats(values, device, "sum")
 
 
 def world_size() -> int:
@@ -311,11 +306,19 @@ def all_reduce_tensor(t):
 
 
 def all_reduce_max(values: list[float], device) -> list[float]:
+    """The largest of each float over all ranks in one collective (none on one rank)."""
+    return _all_reduce_floats(values, device, "max")
+
+
+def _all_reduce_floats(values: list[float], device, op: str) -> list[float]:
+    # On one rank nothing goes to the device: on a GPU, the copy there and the read back would be
+    # two host synchronisations each time the trainer checks whether to stop (every step).
     import torch
     import torch.distributed as td
+    if not (td.is_initialized() and td.get_world_size() > 1):
+        return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if td.is_initialized() and td.get_world_size() > 1:
-        td.all_reduce(t, op=td.ReduceOp.MAX)
+    td.all_reduce(t, op=td.ReduceOp.SUM if op == "sum" else td.ReduceOp.MAX)
     return t.tolist()
 
 

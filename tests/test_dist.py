@@ -77,3 +77,24 @@ ORIGINAL = {key: os.environ.get(key) for key in SLURM_VARS + LAUNCH_VARS}
 def test_the_environment_is_restored_after_each_test():
     # Runs after the tests above (file order): nothing they made up may leak into later tests.
     assert {key: os.environ.get(key) for key in SLURM_VARS + LAUNCH_VARS} == ORIGINAL
+
+
+def test_one_rank_reductions_make_no_tensor():
+    """Without a process group the stop check's reductions stay on the host: on a GPU a tensor there
+    would cost a copy to the device and a read back, two synchronisations every step."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:
+        assert dist.all_reduce_max([3.0, 0.0, True], torch.device("cpu")) == [3.0, 0.0, 1.0]
+        assert dist.all_reduce_sum([1.5, 2], torch.device("cpu")) == [1.5, 2.0]
+    assert ops.seen == []

@@ -29,13 +29,15 @@ def train_step(engine, batch, device) -> StepResult:
 
     One host synchronisation: the step's loss, summed on the device over the micro-steps and ranks,
     is read once at the end (the non-finite check needs it every step). The token count costs a
-    collective only when labels are masked; its scale stays on the device either way."""
+    collective only when labels are masked, and is then read back with the loss. Otherwise the
+    loader counted it on the host, where it stays: a 0-dim CPU tensor enters a GPU kernel as a scalar
+    argument, with no copy to the device (a copy from pageable memory would be one more sync)."""
     world = dist.world_size()
     if batch.tokens is None:
         local = sum((m[1] != IGNORE_INDEX).sum().to(device) for m in batch.micro)
         total = dist.all_reduce_tensor(local.to(torch.float64))
     else:
-        total = torch.tensor(float(batch.tokens), dtype=torch.float64, device=device)
+        total = torch.tensor(float(batch.tokens), dtype=torch.float64)
     scale = (world / total.clamp(min=1.0)).float()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for x, y, *pos in batch.micro:  # already there when the loader put them on the device
@@ -45,7 +47,11 @@ def train_step(engine, batch, device) -> StepResult:
         engine.backward(s * scale, scale_wrt_gas=False)
         engine.step()
         loss_sum += s.detach()
-    loss_total, tokens = torch.stack([dist.all_reduce_tensor(loss_sum), total]).tolist()  # the one read back
+    loss_sum = dist.all_reduce_tensor(loss_sum)
+    if batch.tokens is not None:
+        loss_total, tokens = loss_sum.item(), float(batch.tokens)  # the one read back
+    else:
+        loss_total, tokens = torch.stack([loss_sum, total]).tolist()  # the one read back, both at once
     return StepResult(loss=loss_total / max(tokens, 1.0), tokens=int(tokens))
 
 

@@ -1,21 +1,23 @@
 #!/bin/bash
 # The GPU checks in one go, on a machine with CUDA GPUs and dsgpt's dependencies installed:
 #
-#   bash bench/gpu_suite.sh smoke   # the GPU tests (bf16/fp16 over NCCL, ZeRO 0/2/3), the matmul rate
-#   bash bench/gpu_suite.sh bench   # host syncs of a step, MFU of the GPT-2 presets (bf16, block 1024),
-#                                   # and the ops that take gpt2-124m's step time (train.profile)
+#   bash bench/gpu_suite.sh smoke   # the GPU tests (bf16/fp16/bf16-mixed over NCCL, ZeRO 0/2/3), the matmul rate
+#   bash bench/gpu_suite.sh bench   # host syncs of a step, the ops that take gpt2-124m's step time
+#                                   # (train.profile), MFU of the GPT-2 presets as shipped (block 1024)
 #   bash bench/gpu_suite.sh peers   # gpt2-124m's shape: dsgpt (bf16, then bf16-mixed) beside a plain PyTorch
 #                                   # loop (bf16 autocast, fused AdamW) on one GPU: how much of the step
 #                                   # is the model's own
 #   bash bench/gpu_suite.sh mixed   # the host's operations per step (DeepSpeed's bf16 ZeRO-1 vs bf16-mixed
-#                                   # ZeRO-0 with fused AdamW), then MFU of bf16-mixed ZeRO-0 on the presets
+#                                   # ZeRO-0 with fused AdamW), then gpt2-350m as shipped (bf16, ZeRO-2)
+#                                   # beside bf16-mixed ZeRO-0 at the same micro batch
 #
 # Every figure goes to bench/RESULTS.md. PYTHON picks the interpreter (default: python). The built-in
-# corpus stands in for real data: the presets train on it with GPT-2's padded vocabulary size.
+# corpus stands in for real data: the presets train on it with GPT-2's padded vocabulary size, each in
+# its config's own precision unless a part says otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-DATA="data.path=builtin model.vocab_size=50304 precision=bf16 train.grad_accum_steps=1"
+DATA="data.path=builtin model.vocab_size=50304 train.grad_accum_steps=1"
 
 case "${1:-}" in
 smoke)
@@ -23,14 +25,14 @@ smoke)
     $PY bench/matmul_peak.py
     ;;
 bench)
-    $PY bench/sync_count.py --config configs/gpt2-124m.yaml --steps 30 $DATA
+    # Eager, so that compilation's one-off work is not counted as the step's.
+    $PY bench/sync_count.py --config configs/gpt2-124m.yaml --steps 30 $DATA model.compile=false
     out=$(mktemp -d)
     $PY launch/train.py --config configs/gpt2-124m.yaml $DATA train.max_steps=6 train.profile=true \
         train.eval_interval=1000000 train.eval_batches=1 run.out_dir="$out" run.name=profile
     head -40 "$out/profile/profile/rank00000.top_ops.txt"
     rm -rf "$out"
-    $PY bench/throughput.py --config configs/gpt2-124m.yaml --steps 10 $DATA model.compile=true \
-        --matrix micro=16,32
+    $PY bench/throughput.py --config configs/gpt2-124m.yaml --steps 10 $DATA --matrix micro=16,32
     $PY bench/throughput.py --config configs/gpt2-350m.yaml --steps 10 $DATA model.compile=true \
         --matrix micro=16
     $PY bench/throughput.py --config configs/gpt2-1.5b.yaml --steps 10 $DATA model.compile=true \
@@ -43,12 +45,11 @@ peers)
     done
     ;;
 mixed)
-    $PY bench/host_ops.py --config configs/gpt2-124m.yaml --steps 3 $DATA \
+    $PY bench/host_ops.py --config configs/gpt2-124m.yaml --steps 3 $DATA model.compile=false \
         --variant "precision=bf16 deepspeed.zero_stage=1" --variant "precision=bf16-mixed deepspeed.zero_stage=0"
-    $PY bench/throughput.py --config configs/gpt2-124m.yaml --steps 10 $DATA precision=bf16-mixed \
-        deepspeed.zero_stage=0 model.compile=true --matrix micro=16,32
-    $PY bench/throughput.py --config configs/gpt2-350m.yaml --steps 10 $DATA precision=bf16-mixed \
-        deepspeed.zero_stage=0 model.compile=true --matrix micro=16
+    $PY bench/throughput.py --config configs/gpt2-350m.yaml --steps 10 $DATA model.compile=true --matrix micro=8
+    $PY bench/throughput.py --config configs/gpt2-350m.yaml --steps 10 $DATA model.compile=true \
+        precision=bf16-mixed deepspeed.zero_stage=0 --matrix micro=8
     ;;
 *)
     echo "usage: bash bench/gpu_suite.sh smoke|bench|peers|mixed (see the top of this file)" >&2

@@ -98,7 +98,7 @@ def worker(config: str, overrides: list[str], steps: int, warmup: int) -> None:
     bench = common.build(config, overrides)
     if bench.cfg.model.compile:
         raise SystemExit("bench/host_ops.py counts dispatched operations, which torch.compile's graphs hide: "
-                         "drop model.compile=true from the overrides.")
+                         f"this run compiles the model ({config} or its overrides): add model.compile=false.")
     per_op, seconds = count_ops(bench, steps, warmup)
     facts = {"device": common.device_name(bench), "model": common.model_name(bench), "seconds": seconds,
              "ops": [[phase, op, n] for (phase, op), n in per_op.items()]}

@@ -185,9 +185,13 @@ def test_gpu_suite_names_real_scripts_and_configs_that_load():
         assert (REPO / cmd[0]).is_file(), cmd[0]
         args = cmd[1:cmd.index("--matrix")] if "--matrix" in cmd else cmd[1:]  # matrix axes are not keys
         if "--config" in args:
+            # host_ops.py's --variant "K=V K=V": each variant loads on top of the shared overrides.
+            variants = [shlex.split(args[i + 1]) for i, a in enumerate(args) if a == "--variant"]
+            args = [a for i, a in enumerate(args) if a != "--variant" and (i == 0 or args[i - 1] != "--variant")]
             args = [a for a in args if a != "$DATA"] + (data if "$DATA" in args else [])
             overrides = [a for a in args if "=" in a and not a.startswith("--")]
-            load_config(str(REPO / args[args.index("--config") + 1]), overrides)
+            for variant in variants or [[]]:
+                load_config(str(REPO / args[args.index("--config") + 1]), overrides + variant)
     usage = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh")], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage: bash bench/gpu_suite.sh smoke|bench|peers|mixed" in usage.stderr
 

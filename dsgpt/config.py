@@ -158,7 +158,7 @@ class Config(Section):
     # bf16 / fp16: DeepSpeed's 16-bit weights and gradients with an fp32 master copy. bf16-mixed: fp32
     # weights, gradients and optimizer (DeepSpeed sees an fp32 model) with the forward under
     # torch.autocast(bfloat16), as PyTorch AMP and nanoGPT train: under ZeRO 0 its step dispatches
-    # 2,930 operations for gpt2-124m against 6,432 under bf16 + ZeRO-1 (bench/host_ops.py, on CPU).
+    # 1,555 operations for gpt2-124m against 6,420 under bf16 + ZeRO-1 (bench/host_ops.py, on an H200).
     precision: Literal["fp32", "bf16", "bf16-mixed", "fp16"] = "fp32"
     # fp32 matmuls on TF32 tensor cores (CUDA GPUs from Ampere on; no effect on CPU): about 7x
     # an H100's plain fp32 rate, with a 10-bit mantissa in the products.

@@ -142,18 +142,22 @@ def child_env() -> dict:
 
 
 def run_trainer(config: str, overrides: list[str], ranks: int, steps: int, warmup: int,
-                timeout: float = 1800) -> dict:
+                timeout: float = 1800, log_interval: int = 1) -> dict:
     """Train `warmup + steps` steps through launch/train.py, the real path (data loader, step,
-    collectives, logging every step; no evaluation or saving until after the last step), and
-    return the timed steps' figures from its metrics.jsonl: step_s and mfu (medians), tokens_s,
-    mem_gb (the largest logged: RSS on CPU, max_memory_allocated on GPU, rank 0's)."""
+    collectives, logging every `log_interval` steps, when the trainer reads the steps back; no
+    evaluation or saving until after the last step), and return the timed steps' figures from its
+    metrics.jsonl: step_s and mfu (medians over the logged windows), tokens_s, mem_gb (the largest
+    logged: RSS on CPU, max_memory_allocated on GPU, rank 0's). Warmup and steps are rounded up to
+    whole windows, so that no timed window holds a warmup step."""
     import json
     import statistics
     import subprocess
     import tempfile
+    warmup, steps = (-(-n // log_interval) * log_interval for n in (warmup, steps))
     with tempfile.TemporaryDirectory() as out:
         cmd = [*launcher(ranks), str(REPO / "launch" / "train.py"), "--config", config, *overrides,
-               f"run.out_dir={out}", "run.name=bench", f"train.max_steps={steps + warmup}", "train.log_interval=1",
+               f"run.out_dir={out}", "run.name=bench", f"train.max_steps={steps + warmup}",
+               f"train.log_interval={log_interval}",
                "train.eval_interval=1000000000", "train.save_interval=1000000000", "train.eval_batches=1",
                "train.save_best=false", "train.sample_interval=0"]
         proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
@@ -162,7 +166,7 @@ def run_trainer(config: str, overrides: list[str], ranks: int, steps: int, warmu
         rows = [json.loads(x) for x in (Path(out) / "bench" / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if "train/step_time" in r and r["step"] > warmup]
     seen = [r["train/tokens_seen"] for r in rows if "train/tokens_seen" in r]
-    tokens_per_step = seen[1] - seen[0]
+    tokens_per_step = (seen[1] - seen[0]) // log_interval
     step_s = statistics.median(r["train/step_time"] for r in timed)
     mfus = [r["train/mfu"] for r in timed if r.get("train/mfu") is not None]
     mem = max((r.get("mem/gpu_max_alloc_gb") or r.get("mem/rss_gb") or 0.0) for r in timed)

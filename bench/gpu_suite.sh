@@ -18,6 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 DATA="data.path=builtin model.vocab_size=50304 train.grad_accum_steps=1"
+# Read back every 10 steps, as the GPU configs log: two timed windows after one of warmup (compilation).
+TIMED="--warmup 10 --steps 20 --log-interval 10"
 
 case "${1:-}" in
 smoke)
@@ -32,10 +34,10 @@ bench)
         train.eval_interval=1000000 train.eval_batches=1 run.out_dir="$out" run.name=profile
     head -40 "$out/profile/profile/rank00000.top_ops.txt"
     rm -rf "$out"
-    $PY bench/throughput.py --config configs/gpt2-124m.yaml --steps 10 $DATA --matrix micro=16,32
-    $PY bench/throughput.py --config configs/gpt2-350m.yaml --steps 10 $DATA model.compile=true \
+    $PY bench/throughput.py --config configs/gpt2-124m.yaml $TIMED $DATA --matrix micro=16,32
+    $PY bench/throughput.py --config configs/gpt2-350m.yaml $TIMED $DATA model.compile=true \
         --matrix micro=16
-    $PY bench/throughput.py --config configs/gpt2-1.5b.yaml --steps 10 $DATA model.compile=true \
+    $PY bench/throughput.py --config configs/gpt2-1.5b.yaml $TIMED $DATA model.compile=true \
         deepspeed.zero_stage=1 model.activation_checkpointing=false --matrix micro=8
     ;;
 peers)
@@ -47,8 +49,8 @@ peers)
 mixed)
     $PY bench/host_ops.py --config configs/gpt2-124m.yaml --steps 3 $DATA model.compile=false \
         --variant "precision=bf16 deepspeed.zero_stage=1" --variant "precision=bf16-mixed deepspeed.zero_stage=0"
-    $PY bench/throughput.py --config configs/gpt2-350m.yaml --steps 10 $DATA model.compile=true --matrix micro=8
-    $PY bench/throughput.py --config configs/gpt2-350m.yaml --steps 10 $DATA model.compile=true \
+    $PY bench/throughput.py --config configs/gpt2-350m.yaml $TIMED $DATA model.compile=true --matrix micro=8
+    $PY bench/throughput.py --config configs/gpt2-350m.yaml $TIMED $DATA model.compile=true \
         precision=bf16-mixed deepspeed.zero_stage=0 --matrix micro=8
     ;;
 *)

@@ -6,9 +6,10 @@
     python bench/throughput.py --config configs/tiny.yaml --ranks 2 --matrix block=256,512,1024,2048
     python bench/throughput.py --config configs/tiny.yaml --ranks 2 --matrix width=128,256,512,1024
 
-Each cell runs launch/train.py (data loader, trainer, collectives, logging every step; no evaluation
-or saving inside the timed steps) for `--warmup` + `--steps` steps and reads its metrics.jsonl:
-the median step time of the timed steps, tokens/s from it, the median MFU (6N + 12·L·H·Q·T per
+Each cell runs launch/train.py (data loader, trainer, collectives, logging every `--log-interval`
+steps, the GPU configs' 10 included, where the trainer reads the steps back; no evaluation or saving
+inside the timed steps) for `--warmup` + `--steps` steps and reads its metrics.jsonl: the median
+step time of the timed windows, tokens/s from it, the median MFU (6N + 12·L·H·Q·T per
 token; the peak measured on CPU, from the device table on GPU, where the MFU of the rate an 8192^3
 matmul really reaches in the run's math mode follows in brackets: bench/matmul_peak.py) and peak
 memory (RSS on CPU, max_memory_allocated on GPU; rank 0's). `--matrix` runs every combination of
@@ -111,17 +112,23 @@ def mfu_cell(mfu, peaks) -> str:
     return f"{mfu:.1%} ({mfu * table / measured:.1%} of measured)"
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--log-interval", type=int, default=1,
+                   help="train.log_interval: the trainer reads the steps back (one sync) every this many steps")
     p.add_argument("--matrix", nargs="*", default=[], metavar="AXIS=V1,V2",
                    help="zero=0,1,2,3 offload=off,on ac=off,on micro=4,8 block=256,2048 width=256,512")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     cells = parse_matrix(args.matrix)
     device = device_cell(args.ranks)
     peaks = measured_matmul_peak(args.config, args.overrides)
@@ -132,7 +139,8 @@ def main(argv=None) -> int:
             print(f"  {cell}: skipped (optimizer offload needs ZeRO 1 or more)")
             continue
         extra, label = made
-        res = common.run_trainer(args.config, [*args.overrides, *extra], args.ranks, args.steps, args.warmup)
+        res = common.run_trainer(args.config, [*args.overrides, *extra], args.ranks, args.steps, args.warmup,
+                                 log_interval=args.log_interval)
         mfu = mfu_cell(res["mfu"], peaks)
         print(f"  {label or 'as configured'}: {res['tokens_s']:,.0f} tokens/s, step {res['step_s'] * 1000:.1f} ms, "
               f"MFU {mfu}, peak memory {res['mem_gb']:.2f} GB", flush=True)

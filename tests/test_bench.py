@@ -99,8 +99,9 @@ def test_throughput_bench_times_the_real_trainer(capsys, monkeypatch):
     from bench import throughput
     from conftest import REPO
     monkeypatch.setenv("DSGPT_CACHE", str(REPO / ".cache" / "dsgpt"))  # the built-in corpus the other tests prepare
-    assert throughput.main(["--config", "configs/tiny.yaml", "--steps", "2", "--warmup", "1", "--no-record",
-                            "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "--matrix", "ac=off,on"]) == 0
+    assert throughput.main(["--config", "configs/tiny.yaml", "--steps", "2", "--warmup", "1", "--log-interval", "2",
+                            "--no-record", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+                            "--matrix", "ac=off,on"]) == 0
     out = capsys.readouterr().out
     assert out.count("tokens/s") == 2 and "ac=on" in out and "MFU" in out
 
@@ -177,12 +178,16 @@ def test_gpu_suite_names_real_scripts_and_configs_that_load():
 
     from conftest import REPO
     from dsgpt.config import load_config
+    from bench import throughput
     text = (REPO / "bench" / "gpu_suite.sh").read_text()
     data = shlex.split(re.search(r'^DATA="(.*)"$', text, re.M).group(1))
+    text = text.replace("$TIMED", re.search(r'^TIMED="(.*)"$', text, re.M).group(1))
     commands = [shlex.split(c) for c in re.findall(r"^\s+\$PY ((?:bench|launch)/\S+\.py.*)$", text.replace("\\\n", " "), re.M)]
     assert len(commands) >= 6
     for cmd in commands:
         assert (REPO / cmd[0]).is_file(), cmd[0]
+        if cmd[0] == "bench/throughput.py":
+            throughput.parser().parse_args(cmd[1:])  # its flags, spelled right
         args = cmd[1:cmd.index("--matrix")] if "--matrix" in cmd else cmd[1:]  # matrix axes are not keys
         if "--config" in args:
             # host_ops.py's --variant "K=V K=V": each variant loads on top of the shared overrides.

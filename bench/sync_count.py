@@ -5,10 +5,10 @@
 Trains `--steps` steps of a config on one GPU through the real trainer (dsgpt.train.trainer.train,
 logging every `train.log_interval` steps, no evaluation or saving until the end) with
 torch.cuda.set_sync_debug_mode("warn"), and counts every synchronising CUDA call by where it comes
-from: the loop's phase (the step, the stop check, logging, the data loader's thread, set-up), the
-innermost dsgpt frame and the innermost frame outside dsgpt (DeepSpeed's or torch's). A count equal
-to the steps is a sync every step; one equal to steps / log_interval happens only at log steps.
-Set-up, the final evaluation and checkpoint are listed apart. Rows go to bench/RESULTS.md.
+from: the loop's phase (the step, the read-back of the dispatched steps, the stop check, logging,
+the data loader's thread, set-up), the innermost dsgpt frame and the innermost frame outside dsgpt
+(DeepSpeed's or torch's). A count equal to the steps is a sync every step; one equal to
+steps / log_interval happens only at log steps. Set-up, the final evaluation and checkpoint are listed apart. Rows go to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ COLUMNS = ["date", "machine", "device", "config", "phase", "dsgpt call site", "s
 SYNC_WARNING = "called a synchronizing CUDA operation"
 # The loop's phases, by the function a frame on the stack belongs to (the first found from the
 # innermost frame outwards names the phase).
-PHASES = {"train_step": "step", "stop_reason": "stop check", "_write": "logging", "evaluate": "evaluation",
-          "save": "checkpoint", "finish": "finish", "__init__": "set-up", "log_sample": "sample",
-          "_fill": "data loader"}
+PHASES = {"train_step": "step", "settle": "read-back", "stop_reason": "stop check", "_write": "logging",
+          "evaluate": "evaluation", "save": "checkpoint", "finish": "finish", "__init__": "set-up",
+          "log_sample": "sample", "_fill": "data loader"}
 DSGPT = str(REPO / "dsgpt")
 
 

@@ -89,8 +89,9 @@ def peak_flops(device_type: str, precision: str, tf32: bool = False) -> Optional
 class Throughput:
     """Tokens per second and seconds per step averaged over a logging window, not one step's noise.
 
-    Each step's time runs from its start to the read-back of its loss, which waits for the device,
-    so on a GPU it is the device's time too; evaluation and checkpoints between steps are left out."""
+    The window's time is each step's host time plus the waits for the device when the steps are read
+    back (`wait`), so on a GPU it is the device's time too; evaluation and checkpoints between steps
+    are left out (the steps are read back before them)."""
 
     def __init__(self):
         self._tokens = 0
@@ -101,6 +102,9 @@ class Throughput:
         self._tokens += tokens
         self._seconds += seconds
         self._steps += 1
+
+    def wait(self, seconds: float) -> None:
+        self._seconds += seconds
 
     def window(self) -> tuple[float, float]:
         """(tokens/s, seconds per step) since the last call; starts a new window."""

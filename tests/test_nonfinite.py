@@ -25,6 +25,15 @@ def blown_up(corpus, tmp_path_factory):
         # ZeRO 0 in fp32: dsgpt's own guarded AdamW does the same.
         {"name": "stop_z0", "overrides": tiny_overrides(corpus, out, "stop_z0", *common, "deepspeed.zero_stage=0",
                                                         "train.on_nonfinite=stop")},
+        # ZeRO 0 again, but read back only at log steps: GuardedAdamW skips on the device at once,
+        # the run learns of it (and gives up) at the next read-back.
+        {"name": "late_z0", "overrides": tiny_overrides(corpus, out, "late_z0", *common, "deepspeed.zero_stage=0",
+                                                        "train.on_nonfinite=skip", "train.save_interval=100",
+                                                        "train.log_interval=4")},
+        # A healthy ZeRO 0 run: its steps read nothing back; the trainer reads them at log steps.
+        {"name": "reads_z0", "count_reads": True,
+         "overrides": tiny_overrides(corpus, out, "reads_z0", "train.log_interval=5", "train.eval_interval=100",
+                                     "train.sample_interval=0")},
     ]
     return run_jobs(jobs, ranks=2, work=work), out
 
@@ -56,6 +65,84 @@ def test_stop_mode_stops_at_the_first_nonfinite_step(blown_up):
         assert summary["stop_reason"] == "nonfinite" and summary["last_step"] == 2
         assert summary["engine"]["optimizer"] == "GuardedAdamW"
     assert check_latest_is_finite(out / "stop_z0") == 1
+
+
+def test_a_device_side_skip_is_read_back_at_the_next_log_step(blown_up):
+    results, out = blown_up
+    for summary in results["late_z0"]:
+        assert summary["stop_reason"] == "nonfinite"
+        assert list(summary["losses"]) == ["1"]
+        # Steps 2-5 skipped on the device (the 4th in a row is one too many), read back at step 4
+        # and at step 8, the next log step, where the run stops.
+        assert summary["last_step"] == 8
+    logged = [json.loads(x) for x in (out / "late_z0" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in logged if e.get("train/skipped")] == [2, 3, 4, 5, 6, 7, 8]
+    assert not (out / "late_z0" / "checkpoints").exists() or not list((out / "late_z0" / "checkpoints").iterdir())
+
+
+def test_steps_read_nothing_back_until_a_log_step(blown_up):
+    """On a GPU every read of a device value waits for the device; a step makes none, and the
+    trainer reads the dispatched steps back together at log steps (and at the last step)."""
+    results, _ = blown_up
+    for summary in results["reads_z0"]:
+        assert summary["stop_reason"] == "max_steps" and summary["engine"]["optimizer"] == "GuardedAdamW"
+        assert summary["step_reads"] == {str(s): [] for s in range(1, 11)}
+        assert summary["read_back_at"] == [5, 10]
+        assert list(summary["losses"]) == [str(s) for s in range(1, 11)]  # every step's loss, read late
+        assert list(summary["grad_norms"]) == ["5", "10"]
+
+
+def test_guarded_adamw_skips_on_the_device():
+    """A non-finite gradient leaves weights, moments and step count alone, decided on the device;
+    a finite one updates as torch's AdamW does."""
+    from dsgpt.train.engine import GuardedAdamW
+    torch.manual_seed(0)
+    model, reference = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    reference.load_state_dict(model.state_dict())
+    opt = GuardedAdamW(model.parameters(), clip=0.0, lr=1e-2, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    x = torch.randn(3, 8)
+
+    def step(poison=False):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            m(x).pow(2).sum().backward()
+        if poison:
+            model.weight.grad[0, 0] = float("nan")
+        opt.step()
+        if not poison:
+            ref_opt.step()
+        for o in (opt, ref_opt):
+            o.zero_grad()
+
+    step()
+    assert opt.skipped.item() == 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    moments = [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+    step(poison=True)
+    assert opt.skipped.item() == 1.0 and opt.overflow is False  # DeepSpeed reads no flag
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert all(torch.equal(m, opt.state[p]["exp_avg"]) for m, p in zip(moments, model.parameters()))
+    assert opt.state[model.weight]["step"].item() == 1.0
+    assert not torch.isfinite(opt._global_grad_norm)
+    step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)  # the skip left no trace
+
+
+def test_guarded_adamw_loads_a_state_saved_unfused():
+    """A checkpoint of torch's unfused AdamW (how ZeRO-0 runs on CPU saved it before) loads, and the
+    step after it can still skip on the device."""
+    from dsgpt.train.engine import GuardedAdamW
+    model = torch.nn.Linear(4, 2)
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(1, 4)).sum().backward()
+    plain.step()
+    opt = GuardedAdamW(model.parameters(), clip=1.0, lr=1e-3)
+    opt.load_state_dict(plain.state_dict())
+    assert all(g["fused"] for g in opt.param_groups)
+    model.weight.grad.fill_(float("inf"))
+    opt.step()
+    assert opt.skipped.item() == 1.0 and opt.state[model.weight]["step"].item() == 1.0
 
 
 # ---- fp16: an overflow skip is routine, a non-finite loss is not --------------------------------
@@ -96,8 +183,13 @@ def test_overflow_skips_neither_stop_nor_count_as_nonfinite(monkeypatch):
     run.log = SimpleNamespace(log=lambda step, scalars: logged.append((step, scalars)))
     run.metrics = StepMetrics(run.log, run.cfg, run.ctx, GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8,
                                                                     vocab_size=16), 8, 1, print)
-    monkeypatch.setattr(step_module, "train_step", lambda *a: step_module.StepResult(loss=3.0, tokens=8))
-    assert run.train_step(1) and run.train_step(2)  # both count as done: no give-up
+    run.pending = []
+    monkeypatch.setattr(step_module, "dispatch_step", lambda *a: step_module.PendingStep(
+        loss_sum=torch.tensor(24.0, dtype=torch.float64), tokens=8.0, skipped=None))
+    for step in (1, 2):
+        run.train_step(step)
+        assert run.read_due(busy=False)  # DeepSpeed skipped it on the host: read at once
+        assert not run.settle(step)  # counts as done: no give-up
     assert run.state.skipped_steps == 0 and run.state.overflow_skips == 2
     assert logged == [(1, {"train/overflow_skips": 1}), (2, {"train/overflow_skips": 2})]
     assert run.metrics.losses == {1: 3.0, 2: 3.0}
@@ -119,7 +211,7 @@ def test_loss_scale_at_its_floor_is_a_clear_message(monkeypatch):
     run.state, run.device, run.last_saved = RunState(), "cpu", 40
     run.loader = SimpleNamespace(get=lambda step: None)
     run.engine = SimpleNamespace(get_lr=lambda: [1e-3], optimizer=SimpleNamespace(min_loss_scale=1))
-    monkeypatch.setattr(step_module, "train_step", overflowing)
+    monkeypatch.setattr(step_module, "dispatch_step", overflowing)
     with pytest.raises(UserError) as err:
         run.train_step(41)
     msg = str(err.value)

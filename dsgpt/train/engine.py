@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -12,30 +13,42 @@ from dsgpt.train.schedules import build_scheduler
 
 
 class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that clips, records the gradient norm and skips non-finite steps by itself.
+    """AdamW that clips, records the gradient norm and skips non-finite steps by itself, on the device.
 
     DeepSpeed hands the raw optimizer the gradients only under ZeRO 0 with fp32 weights (fp32 and
     bf16-mixed); there it neither records the norm nor checks for inf/NaN (its ZeRO, bf16 and fp16
-    optimizers do both). On a GPU the update is torch's fused kernel. The engine reads `overflow`
-    and `_global_grad_norm` from whatever optimizer it holds.
+    optimizers do both, reading a flag back every step). Here nothing is read back: the norm stays a
+    device tensor, and torch's fused AdamW (on CPU and GPU) takes a `found_inf` flag, as torch.amp's
+    GradScaler uses it, with which it leaves the weights, moments and step count as they were. That
+    flag is `skipped`, read later with the step's loss (dsgpt.train.step.read_back). So the engine
+    sees no `overflow` and advances the schedule on a skipped step too.
     """
 
     def __init__(self, params, clip: float, **kwargs):
-        super().__init__(params, **kwargs)
+        super().__init__(params, fused=True, **kwargs)
         self.clip = clip
-        self.overflow = False
-        self._global_grad_norm = None
+        self.overflow = False  # what DeepSpeed reads; the skip is decided on the device instead
+        self._global_grad_norm = None  # a device tensor: read only when logged
+        self.skipped: Optional[torch.Tensor] = None
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(grads, self.clip if self.clip > 0 else math.inf)
-        self._global_grad_norm = float(norm)
-        self.overflow = not math.isfinite(self._global_grad_norm)
-        if self.overflow:
-            self.zero_grad(set_to_none=True)
-            return None
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else math.inf)
+        self._global_grad_norm = norm
+        self.skipped = self.found_inf = (~torch.isfinite(norm)).to(torch.float32)
         return super().step(closure)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # The saved groups replace ours: one saved before the update was fused says fused=False,
+        # and the fused kernel wants each step count on its parameter's device.
+        for group in self.param_groups:
+            group["fused"], group["foreach"] = True, None
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
 
 
 def offloads_optimizer(ds_config: dict) -> bool:
@@ -53,7 +66,7 @@ def build_optimizer(model, cfg: Config, ds_config: dict, on_gpu: bool):
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     if stage == 0 and cfg.precision in FP32_WEIGHTS:
-        return GuardedAdamW(groups, clip=o.grad_clip, fused=on_gpu, **kwargs)
+        return GuardedAdamW(groups, clip=o.grad_clip, **kwargs)
     return torch.optim.AdamW(groups, fused=on_gpu, **kwargs)
 
 

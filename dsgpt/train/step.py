@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -22,16 +23,25 @@ from dsgpt.model import IGNORE_INDEX
 class StepResult:
     loss: float  # mean loss per target token over the whole step (all ranks)
     tokens: int  # target tokens in the whole step (all ranks)
+    skipped_on_device: bool = False  # the optimizer found the gradients non-finite and skipped, on the device
 
 
-def train_step(engine, batch, device) -> StepResult:
-    """One optimizer step over a StepBatch (dsgpt.data.loader).
+@dataclass
+class PendingStep:
+    """A dispatched step whose numbers are still on the device (read back by `read_back`)."""
+    loss_sum: torch.Tensor  # token-summed loss of the whole step, all ranks (float64)
+    tokens: object  # target tokens of the whole step: a host number when the loader knew it, else a device tensor
+    skipped: Optional[torch.Tensor]  # 1.0 where the optimizer skipped on the device (GuardedAdamW); else None
 
-    One host synchronisation: the step's loss, summed on the device over the micro-steps and ranks,
-    is read once at the end (the non-finite check needs it every step). The token count costs a
-    collective only when labels are masked, and is then read back with the loss. Otherwise the
-    loader counted it on the host, where it stays: a 0-dim CPU tensor enters a GPU kernel as a scalar
-    argument, with no copy to the device (a copy from pageable memory would be one more sync)."""
+
+def dispatch_step(engine, batch, device) -> PendingStep:
+    """One optimizer step over a StepBatch (dsgpt.data.loader), reading nothing back from the device.
+
+    The step's loss stays summed on the device (over the micro-steps, all-reduced over the ranks) until
+    `read_back`, which reads any number of steps at once. The token count costs a collective only when
+    labels are masked. Otherwise the loader counted it on the host, where it stays: a 0-dim CPU tensor
+    enters a GPU kernel as a scalar argument, with no copy to the device (a copy from pageable memory
+    would be a sync)."""
     world = dist.world_size()
     if batch.tokens is None:
         local = sum((m[1] != IGNORE_INDEX).sum().to(device) for m in batch.micro)
@@ -47,12 +57,41 @@ def train_step(engine, batch, device) -> StepResult:
         engine.backward(s * scale, scale_wrt_gas=False)
         engine.step()
         loss_sum += s.detach()
-    loss_sum = dist.all_reduce_tensor(loss_sum)
-    if batch.tokens is not None:
-        loss_total, tokens = loss_sum.item(), float(batch.tokens)  # the one read back
-    else:
-        loss_total, tokens = torch.stack([loss_sum, total]).tolist()  # the one read back, both at once
-    return StepResult(loss=loss_total / max(tokens, 1.0), tokens=int(tokens))
+    return PendingStep(loss_sum=dist.all_reduce_tensor(loss_sum),
+                       tokens=float(batch.tokens) if batch.tokens is not None else total,
+                       skipped=_device_skip_flag(engine))
+
+
+def _device_skip_flag(engine) -> Optional[torch.Tensor]:
+    """GuardedAdamW's flag of the step just taken; None for DeepSpeed's optimizers, which say on the host."""
+    opt = getattr(engine, "optimizer", None)
+    return getattr(getattr(opt, "optimizer", opt), "skipped", None)
+
+
+def read_back(pending: list[PendingStep]) -> list[StepResult]:
+    """The steps' losses, token counts and device-side skips, in one read from the device."""
+    if not pending:
+        return []
+    on_device: list[torch.Tensor] = []
+
+    def slot(value) -> Optional[int]:
+        if not torch.is_tensor(value):
+            return None
+        on_device.append(value.to(torch.float64))
+        return len(on_device) - 1
+    slots = [(slot(p.loss_sum), slot(p.tokens), slot(p.skipped)) for p in pending]
+    read = torch.stack(on_device).tolist()  # the one read back
+    out = []
+    for p, (loss_at, tokens_at, skipped_at) in zip(pending, slots):
+        tokens = read[tokens_at] if tokens_at is not None else p.tokens
+        out.append(StepResult(loss=read[loss_at] / max(tokens, 1.0), tokens=int(tokens),
+                              skipped_on_device=skipped_at is not None and read[skipped_at] != 0.0))
+    return out
+
+
+def train_step(engine, batch, device) -> StepResult:
+    """One optimizer step, read back at once (for callers that want every step's loss now)."""
+    return read_back([dispatch_step(engine, batch, device)])[0]
 
 
 # What DeepSpeed's dynamic loss scaler raises when it cannot lower the scale any further.

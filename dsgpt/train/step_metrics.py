@@ -1,9 +1,10 @@
 """A run's training curve: what each step's figures become, and when the costly ones are read.
 
-Every step adds its time to the logging window and keeps its loss (already on the host: the step
-reads it for the non-finite check). Only at log steps are the gradient norm (a device read) and
-memory read, and the window's averages since the last log (tokens/s, step time, MFU) written to
-TensorBoard and metrics.jsonl, the progress bar or, without a terminal, a console line every 5%.
+Every step adds the time it took to dispatch to the logging window, and the read-back of the
+dispatched steps adds the time it waited for the device (Run.settle); each read-back step then
+records its loss. Only at log steps are the gradient norm (a device read) and memory read, and the
+window's averages since the last log (tokens/s, step time, MFU) written to TensorBoard and
+metrics.jsonl, the progress bar or, without a terminal, a console line every 5%.
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ class StepMetrics:
         self.grad_norms: dict[int, float] = {}  # step -> gradient norm before clipping, at log steps
 
     def timed(self, seconds: float) -> None:
-        """A step ran (applied or skipped) in `seconds`."""
+        """A step was dispatched (applied or skipped) in `seconds`."""
         self.meter.add(self.tokens_per_step, seconds)
         if self.progress:
             self.progress.update(1)
+
+    def waited(self, seconds: float) -> None:
+        """The read-back of the dispatched steps waited `seconds` for the device: theirs too."""
+        self.meter.wait(seconds)
 
     def record(self, step: int, loss: float, lr: float, tokens_seen: int, engine) -> None:
         """An applied step's loss; at log steps everything else too."""

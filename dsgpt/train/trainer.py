@@ -81,11 +81,14 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
             reason = ""
             try:
                 for step in range(run.state.step + 1, t.max_steps + 1):
-                    applied = run.train_step(step)
+                    run.train_step(step)  # dispatched; read back (run.settle) when the step is busy
                     if profiler:
                         profiler.step()
                     hang.progress(step)
-                    if not applied and run.give_up_on_nonfinite(step):
+                    busy = (any(_due(step, i) for i in (t.log_interval, t.eval_interval, t.save_interval,
+                                                          t.sample_interval))
+                            or step == t.max_steps or bool(task_evals and task_evals.due(step, t.max_steps)))
+                    if run.read_due(busy) and run.settle(step):
                         reason = "nonfinite"
                         break
                     improved = False
@@ -102,6 +105,9 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
                         with hang.phase("sample"):
                             run.log_sample(step)
                     reason = run.stop_reason() or pruning.reason()  # agreed by all ranks
+                    if reason and run.settle(step):  # a stop saves: the steps before it are read first
+                        reason = "nonfinite"
+                        break
                     if _due(step, t.save_interval) or reason or step == t.max_steps or (improved and t.save_best):
                         with hang.phase("checkpoint"):
                             run.save(step)
@@ -117,6 +123,18 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
         raise
     hang.stop()
     return summary
+
+
+# Steps whose numbers may wait on the device before they are read back, whatever the intervals say.
+MAX_UNREAD_STEPS = 100
+
+
+@dataclass
+class _Dispatched:
+    step: int
+    lr: float
+    applied: bool  # DeepSpeed's word on the host; GuardedAdamW's skips are read back with the loss
+    pending: object  # dsgpt.train.step.PendingStep
 
 
 def _due(step: int, interval: int) -> bool:
@@ -194,6 +212,7 @@ class Run:
         self.last_saved = self.state.step
         self.loader = StepLoader(self.data, ctx.rank, ctx.world_size, self.t.micro_batch_size,
                                  self.t.grad_accum_steps, self.first_step, self.t.max_steps, ctx.device)
+        self.pending: list[_Dispatched] = []  # steps dispatched but not yet read back (settle)
         self.metrics = StepMetrics(self.log, cfg, ctx, self.mcfg, self.tokens_per_step, self.first_step, self.console)
         self.start_time = time.time()
         self.engine.train()
@@ -233,37 +252,67 @@ class Run:
 
     # ---- the loop's steps ---------------------------------------------------------------------
 
-    def train_step(self, step: int) -> bool:
-        """One optimizer step; False when its loss was non-finite and the update was skipped."""
-        from dsgpt.train.step import train_step
+    def train_step(self, step: int) -> None:
+        """Dispatches one optimizer step. Its numbers stay on the device until `settle` reads them
+        (no sync per step on a GPU), except that a step DeepSpeed says on the host it skipped is read
+        at once (`read_due`), so its handling stays exact to the step."""
+        from dsgpt.train.step import dispatch_step
         lr = self.engine.get_lr()[0]  # the lr this step uses; the step advances the schedule
         t0 = time.perf_counter()
         try:
-            res = train_step(self.engine, self.loader.get(step), self.device)
+            pending = dispatch_step(self.engine, self.loader.get(step), self.device)
         except Exception as err:
             if LOSS_SCALE_AT_MINIMUM in str(err):
                 raise UserError(_loss_scale_message(step, self.last_saved, self.engine)) from None
             raise
         self.metrics.timed(time.perf_counter() - t0)
         self.state.step = step
-        outcome = step_outcome(res.loss, self.engine.was_step_applied(), self.cfg.precision)
+        self.pending.append(_Dispatched(step, lr, self.engine.was_step_applied(), pending))
+
+    def read_due(self, busy: bool) -> bool:
+        """Whether to read the dispatched steps now: when the step logs, evaluates, saves or samples
+        (`busy`), when DeepSpeed skipped it, or when enough are waiting."""
+        return bool(self.pending) and (busy or not self.pending[-1].applied or len(self.pending) >= MAX_UNREAD_STEPS)
+
+    def settle(self, now: int) -> bool:
+        """Reads every dispatched step back (one sync) and does its bookkeeping in order: losses,
+        tokens seen, non-finite and overflow skips, logging. True when the run should stop on
+        non-finite steps. A step the optimizer skipped on the device was skipped at its own step;
+        only the stop comes at `now`."""
+        from dsgpt.train.step import read_back
+        if not self.pending:
+            return False
+        t0 = time.perf_counter()
+        results = read_back([d.pending for d in self.pending])
+        self.metrics.waited(time.perf_counter() - t0)  # the device's share of the steps' time
+        give_up = False
+        for d, res in zip(self.pending, results):
+            if self._book(d.step, d.lr, d.applied and not res.skipped_on_device, res, now) == "nonfinite":
+                give_up = give_up or self.give_up_on_nonfinite(d.step, now)
+        self.pending.clear()
+        return give_up
+
+    def _book(self, step: int, lr: float, applied: bool, res, now: int) -> str:
+        """One step's bookkeeping; returns its outcome (dsgpt.train.step.step_outcome)."""
+        outcome = step_outcome(res.loss, applied, self.cfg.precision)
         if outcome == "nonfinite":
             self.state.skipped_steps += 1
             self.log.log(step, {"train/skipped": 1.0})
-            self.console(f"step {step}: non-finite loss ({res.loss}); update skipped")
-            return False
+            late = f" (read back at step {now})" if now != step else ""
+            self.console(f"step {step}: non-finite loss ({res.loss}); update skipped{late}")
+            return outcome
         if outcome == "overflow":
             self.state.overflow_skips += 1
             self.log.log(step, {"train/overflow_skips": self.state.overflow_skips})
         self.state.skipped_steps = 0
         self.state.tokens_seen += self.tokens_per_step
         self.metrics.record(step, res.loss, lr, self.state.tokens_seen, self.engine)
-        return True
+        return outcome
 
-    def give_up_on_nonfinite(self, step: int) -> bool:
+    def give_up_on_nonfinite(self, step: int, now: int) -> bool:
         if self.t.on_nonfinite == "stop" or self.state.skipped_steps > self.t.max_nonfinite_steps:
-            self.console(f"step {step}: stopping (train.on_nonfinite={self.t.on_nonfinite}, "
-                         f"{self.state.skipped_steps} non-finite step(s) in a row)")
+            self.console(f"step {now}: stopping (train.on_nonfinite={self.t.on_nonfinite}, "
+                         f"{self.state.skipped_steps} non-finite step(s) in a row up to step {step})")
             return True
         return False
 
@@ -325,6 +374,7 @@ class Run:
 
     def finish(self, reason: str) -> RunSummary:
         from dsgpt.train.engine import describe_engine
+        self.settle(self.state.step)  # steps left unread when the loop ended on an error
         self.metrics.close()
         s = self.state
         nan = float("nan")
@@ -372,12 +422,10 @@ def _loss_scale_message(step: int, last_saved: int, engine) -> str:
 
 def _params_finite(engine, device) -> bool:
     import torch
-    bad = 0.0
-    for p in engine.module.parameters():
-        t = getattr(p, "ds_tensor", p)  # ZeRO-3 keeps only this rank's shard
-        if t.numel() and not bool(torch.isfinite(t).all()):
-            bad = 1.0
-            break
+    # ZeRO-3 keeps only this rank's shard. One read back for all parameters, not one each.
+    finite = [torch.isfinite(t).all() for t in (getattr(p, "ds_tensor", p) for p in engine.module.parameters())
+              if t.numel()]
+    bad = 0.0 if not finite or bool(torch.stack(finite).all()) else 1.0
     (bad,) = dist.all_reduce_max([bad], device)
     return bad == 0.0
 

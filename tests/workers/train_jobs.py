@@ -2,9 +2,11 @@
 
     deepspeed --num_gpus 2 tests/workers/train_jobs.py JOBS.json OUT_DIR
 
-JOBS.json: a list of {"name": ..., "config": path, "overrides": [...], "grad_scale": optional}. For each job, each rank
-writes OUT_DIR/<name>.rank<R>.json with the run summary (per-step losses, engine facts). Several
-jobs share one launch because starting ranks costs more than a tiny run itself.
+JOBS.json: a list of {"name": ..., "config": path, "overrides": [...], "grad_scale": optional,
+"count_reads": optional}. For each job, each rank writes OUT_DIR/<name>.rank<R>.json with the run
+summary (per-step losses, engine facts; with count_reads, what each step read back from its tensors
+and the steps at which the trainer read its dispatched steps back). Several jobs share one launch
+because starting ranks costs more than a tiny run itself.
 """
 
 import contextlib
@@ -41,6 +43,52 @@ def wrong_gradient_scale(factor):
         DeepSpeedEngine.backward = original
 
 
+# Tensor calls that bring a value to the host: on a GPU each one waits for the device.
+READS = {"item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__", "equal"}
+
+
+@contextlib.contextmanager
+def counted_reads(enabled: bool, seen: dict):
+    """Records the reads made inside each Run.train_step (seen["step_reads"]: step -> call names)
+    and the steps at which Run.settle read dispatched steps back (seen["read_back_at"])."""
+    if not enabled:
+        yield
+        return
+    from torch.overrides import TorchFunctionMode
+
+    from dsgpt.train.trainer import Run
+
+    class Reads(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in READS:
+                self.names.append(name)
+            return func(*args, **(kwargs or {}))
+
+    original_step, original_settle = Run.train_step, Run.settle
+    seen.update(step_reads={}, read_back_at=[])
+
+    def train_step(run, step):
+        with Reads() as reads:
+            original_step(run, step)
+        seen["step_reads"][step] = reads.names
+
+    def settle(run, now):
+        if run.pending:
+            seen["read_back_at"].append(now)
+        return original_settle(run, now)
+
+    Run.train_step, Run.settle = train_step, settle
+    try:
+        yield
+    finally:
+        Run.train_step, Run.settle = original_step, original_settle
+
+
 def main() -> int:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     jobs = json.loads(Path(args[0]).read_text())
@@ -49,11 +97,13 @@ def main() -> int:
     rank = int(os.environ.get("RANK", "0"))
     for job in jobs:
         cfg = load_config(job.get("config"), job.get("overrides", []))
+        seen: dict = {}
         try:
-            with wrong_gradient_scale(job.get("grad_scale")):
+            with wrong_gradient_scale(job.get("grad_scale")), counted_reads(job.get("count_reads", False), seen):
                 summary = asdict(train(cfg, argv=[job["name"]]))
         except UserError as err:
             summary = {"error": str(err)}
+        summary.update(seen)
         summary["run_dir"] = str(summary.get("run_dir", ""))
         (out / f"{job['name']}.rank{rank}.json").write_text(json.dumps(summary, indent=1))
     return 0

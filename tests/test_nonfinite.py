@@ -168,6 +168,7 @@ def test_overflow_skips_neither_stop_nor_count_as_nonfinite(monkeypatch):
     from dsgpt.model import GPTConfig
     from dsgpt.train import step as step_module
     from dsgpt.train.step_metrics import StepMetrics
+    from dsgpt.train import trainer
     from dsgpt.train.trainer import Run, RunState
     logged = []
     run = Run.__new__(Run)  # only the parts train_step touches
@@ -183,12 +184,12 @@ def test_overflow_skips_neither_stop_nor_count_as_nonfinite(monkeypatch):
     run.log = SimpleNamespace(log=lambda step, scalars: logged.append((step, scalars)))
     run.metrics = StepMetrics(run.log, run.cfg, run.ctx, GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8,
                                                                     vocab_size=16), 8, 1, print)
-    run.pending = []
-    monkeypatch.setattr(step_module, "dispatch_step", lambda *a: step_module.PendingStep(
+    run.unread = step_module.UnreadSteps()
+    monkeypatch.setattr(trainer, "dispatch_step", lambda *a: step_module.PendingStep(
         loss_sum=torch.tensor(24.0, dtype=torch.float64), tokens=8.0, skipped=None))
     for step in (1, 2):
         run.train_step(step)
-        assert run.read_due(busy=False)  # DeepSpeed skipped it on the host: read at once
+        assert run.unread.due(busy=False)  # DeepSpeed skipped it on the host: read at once
         assert not run.settle(step)  # counts as done: no give-up
     assert run.state.skipped_steps == 0 and run.state.overflow_skips == 2
     assert logged == [(1, {"train/overflow_skips": 1}), (2, {"train/overflow_skips": 2})]
@@ -199,7 +200,7 @@ def test_loss_scale_at_its_floor_is_a_clear_message(monkeypatch):
     from types import SimpleNamespace
 
     from dsgpt.errors import UserError
-    from dsgpt.train import step as step_module
+    from dsgpt.train import trainer
     from dsgpt.train.trainer import Run, RunState
 
     def overflowing(*args):
@@ -211,7 +212,7 @@ def test_loss_scale_at_its_floor_is_a_clear_message(monkeypatch):
     run.state, run.device, run.last_saved = RunState(), "cpu", 40
     run.loader = SimpleNamespace(get=lambda step: None)
     run.engine = SimpleNamespace(get_lr=lambda: [1e-3], optimizer=SimpleNamespace(min_loss_scale=1))
-    monkeypatch.setattr(step_module, "dispatch_step", overflowing)
+    monkeypatch.setattr(trainer, "dispatch_step", overflowing)
     with pytest.raises(UserError) as err:
         run.train_step(41)
     msg = str(err.value)

@@ -89,6 +89,36 @@ def read_back(pending: list[PendingStep]) -> list[StepResult]:
     return out
 
 
+@dataclass
+class Dispatched:
+    step: int
+    lr: float  # the learning rate the step used
+    applied: bool  # DeepSpeed's word on the host; GuardedAdamW's skips are read back with the loss
+    pending: PendingStep
+
+
+class UnreadSteps:
+    """The steps dispatched since the last read-back, and when to read them: when a step is busy
+    (it logs, evaluates, saves or samples), when DeepSpeed said on the host that it skipped the
+    update (so its handling stays exact to the step), or when `limit` are waiting."""
+
+    def __init__(self, limit: int = 100):
+        self.limit = limit
+        self.steps: list[Dispatched] = []
+
+    def add(self, dispatched: Dispatched) -> None:
+        self.steps.append(dispatched)
+
+    def due(self, busy: bool) -> bool:
+        return bool(self.steps) and (busy or not self.steps[-1].applied or len(self.steps) >= self.limit)
+
+    def read(self) -> list[tuple[Dispatched, StepResult]]:
+        """Every unread step with its numbers, in one read from the device; then none is unread."""
+        out = list(zip(self.steps, read_back([d.pending for d in self.steps])))
+        self.steps = []
+        return out
+
+
 def train_step(engine, batch, device) -> StepResult:
     """One optimizer step, read back at once (for callers that want every step's loss now)."""
     return read_back([dispatch_step(engine, batch, device)])[0]

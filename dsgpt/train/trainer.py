@@ -2,7 +2,8 @@
 
 `train()` is the loop a reader should be able to hold in one screen; `Run` holds the engine and the
 run's state and calls the parts that live in their own modules: the data loader that owns the
-position in the data (dsgpt.data.loader.StepLoader), the step (step.train_step), the training curve
+position in the data (dsgpt.data.loader.StepLoader), the step (step.dispatch_step) and the window of
+steps not yet read back from the device (step.UnreadSteps), the training curve
 and when it is read back (step_metrics.StepMetrics), checkpoints (checkpoint), evaluation
 (dsgpt.eval.perplexity), profiling, sweep pruning and task evaluations.
 """
@@ -24,7 +25,7 @@ from dsgpt.errors import UserError
 from dsgpt.io import atomic_write_json
 from dsgpt.train import checkpoint, provenance, reshard, rng, run_setup, signals
 from dsgpt.train.run_setup import check_precision, fingerprint, model_config, open_data
-from dsgpt.train.step import LOSS_SCALE_AT_MINIMUM, step_outcome
+from dsgpt.train.step import LOSS_SCALE_AT_MINIMUM, Dispatched, UnreadSteps, dispatch_step, step_outcome
 from dsgpt.train.step_metrics import StepMetrics
 from dsgpt.train.profiling import StepProfiler
 from dsgpt.train.task_evals import TaskEvals
@@ -88,7 +89,7 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
                     busy = (any(_due(step, i) for i in (t.log_interval, t.eval_interval, t.save_interval,
                                                           t.sample_interval))
                             or step == t.max_steps or bool(task_evals and task_evals.due(step, t.max_steps)))
-                    if run.read_due(busy) and run.settle(step):
+                    if run.unread.due(busy) and run.settle(step):
                         reason = "nonfinite"
                         break
                     improved = False
@@ -123,18 +124,6 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
         raise
     hang.stop()
     return summary
-
-
-# Steps whose numbers may wait on the device before they are read back, whatever the intervals say.
-MAX_UNREAD_STEPS = 100
-
-
-@dataclass
-class _Dispatched:
-    step: int
-    lr: float
-    applied: bool  # DeepSpeed's word on the host; GuardedAdamW's skips are read back with the loss
-    pending: object  # dsgpt.train.step.PendingStep
 
 
 def _due(step: int, interval: int) -> bool:
@@ -212,7 +201,7 @@ class Run:
         self.last_saved = self.state.step
         self.loader = StepLoader(self.data, ctx.rank, ctx.world_size, self.t.micro_batch_size,
                                  self.t.grad_accum_steps, self.first_step, self.t.max_steps, ctx.device)
-        self.pending: list[_Dispatched] = []  # steps dispatched but not yet read back (settle)
+        self.unread = UnreadSteps()  # steps dispatched but not yet read back (settle)
         self.metrics = StepMetrics(self.log, cfg, ctx, self.mcfg, self.tokens_per_step, self.first_step, self.console)
         self.start_time = time.time()
         self.engine.train()
@@ -254,9 +243,7 @@ class Run:
 
     def train_step(self, step: int) -> None:
         """Dispatches one optimizer step. Its numbers stay on the device until `settle` reads them
-        (no sync per step on a GPU), except that a step DeepSpeed says on the host it skipped is read
-        at once (`read_due`), so its handling stays exact to the step."""
-        from dsgpt.train.step import dispatch_step
+        (no sync per step on a GPU)."""
         lr = self.engine.get_lr()[0]  # the lr this step uses; the step advances the schedule
         t0 = time.perf_counter()
         try:
@@ -267,29 +254,22 @@ class Run:
             raise
         self.metrics.timed(time.perf_counter() - t0)
         self.state.step = step
-        self.pending.append(_Dispatched(step, lr, self.engine.was_step_applied(), pending))
-
-    def read_due(self, busy: bool) -> bool:
-        """Whether to read the dispatched steps now: when the step logs, evaluates, saves or samples
-        (`busy`), when DeepSpeed skipped it, or when enough are waiting."""
-        return bool(self.pending) and (busy or not self.pending[-1].applied or len(self.pending) >= MAX_UNREAD_STEPS)
+        self.unread.add(Dispatched(step, lr, self.engine.was_step_applied(), pending))
 
     def settle(self, now: int) -> bool:
         """Reads every dispatched step back (one sync) and does its bookkeeping in order: losses,
         tokens seen, non-finite and overflow skips, logging. True when the run should stop on
         non-finite steps. A step the optimizer skipped on the device was skipped at its own step;
         only the stop comes at `now`."""
-        from dsgpt.train.step import read_back
-        if not self.pending:
+        if not self.unread.steps:
             return False
         t0 = time.perf_counter()
-        results = read_back([d.pending for d in self.pending])
+        read = self.unread.read()
         self.metrics.waited(time.perf_counter() - t0)  # the device's share of the steps' time
         give_up = False
-        for d, res in zip(self.pending, results):
+        for d, res in read:
             if self._book(d.step, d.lr, d.applied and not res.skipped_on_device, res, now) == "nonfinite":
                 give_up = give_up or self.give_up_on_nonfinite(d.step, now)
-        self.pending.clear()
         return give_up
 
     def _book(self, step: int, lr: float, applied: bool, res, now: int) -> str:

@@ -78,7 +78,7 @@ def counted_reads(enabled: bool, seen: dict):
         seen["step_reads"][step] = reads.names
 
     def settle(run, now):
-        if run.pending:
+        if run.unread.steps:
             seen["read_back_at"].append(now)
         return original_settle(run, now)
 

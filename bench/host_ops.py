@@ -15,9 +15,10 @@ happen in: forward, backward (autograd's own operations and DeepSpeed's gradient
 optimizer and DeepSpeed's checks around it), other (moving the batch, reading the loss). The same
 steps are then timed without counting ("step ms", on this machine). Rows go to bench/RESULTS.md.
 
-On a CPU torch's AdamW updates one parameter at a time (about 9 operations each); on a GPU dsgpt
-asks for the fused kernel, whose whole update is a few operations: count the optimizer step on the
-GPU, or read a CPU's "step" column for the fp32-weight ZeRO-0 path (fp32, bf16-mixed) as an upper bound.
+Under ZeRO 0 with fp32 weights (fp32, bf16-mixed) dsgpt's update is torch's fused AdamW on CPU and
+GPU alike, a few operations in all. DeepSpeed's optimizers (ZeRO 1-3, bf16, fp16) hold torch's AdamW,
+fused on a GPU but one parameter at a time on a CPU (about 9 operations each): count their optimizer
+step on the GPU, or read a CPU's "step" column for them as an upper bound.
 
 model.compile=true is refused: a dispatch mode sees through compiled graphs only by breaking them.
 """

@@ -48,7 +48,7 @@ def build(config: str, overrides: list[str]) -> Bench:
     ds_config = resolve_ds_config(cfg, ctx.world_size, ctx.on_gpu)
     model = build_model(mcfg, ds_config)
     n_params = model.num_params(non_embedding=False)
-    engine, _ = build_engine(model, cfg, ds_config, ctx.on_gpu)
+    engine, _ = build_engine(model, cfg, ds_config)
     return Bench(cfg, ctx, mcfg, engine, n_params)
 
 

@@ -93,7 +93,7 @@ def run_lr_find(cfg: Config, start: float = 1e-7, end: float = 10.0, steps: int 
     mcfg = model_config(cfg, data.vocab_size)
     rng.seed_everything(cfg.run.seed + ctx.rank)
     ds_config = resolve_ds_config(cfg, ctx.world_size, ctx.on_gpu)
-    engine, _ = build_engine(build_model(mcfg, ds_config), cfg, ds_config, ctx.on_gpu)
+    engine, _ = build_engine(build_model(mcfg, ds_config), cfg, ds_config)
     engine.train()
     lrs, losses = [], []
     stopped = False

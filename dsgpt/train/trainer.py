@@ -161,7 +161,7 @@ class Run:
             cfg.train.grad_accum_steps = relayout.grad_accum_steps
             ds_config = reshard.configure(resolve_ds_config(cfg, ctx.world_size, ctx.on_gpu), relayout)
         model = build_model(self.mcfg, ds_config)  # sharded from the start under ZeRO-3
-        self.engine, ds_config = build_engine(model, cfg, ds_config, ctx.on_gpu)
+        self.engine, ds_config = build_engine(model, cfg, ds_config)
         self.device = ctx.device
         self._announce(describe_engine(self.engine))
 

@@ -43,7 +43,7 @@ def main() -> int:
     full, _, _ = load_model(run_dir)
     cfg = load_config(str(run_dir / "config.yaml"), [f"deepspeed.zero_stage={stage}"])
     ds_config = resolve_ds_config(cfg, ctx.world_size, ctx.on_gpu)
-    engine, _ = build_engine(build_model(full.config, ds_config), cfg, ds_config, ctx.on_gpu)
+    engine, _ = build_engine(build_model(full.config, ds_config), cfg, ds_config)
     import deepspeed
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=0):

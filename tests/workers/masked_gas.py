@@ -39,7 +39,7 @@ def run(micro: int, gas: int) -> dict:
     ctx = dist.setup()
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
-    engine, _ = build_engine(model, cfg, resolve_ds_config(cfg, ctx.world_size, False), False)
+    engine, _ = build_engine(model, cfg, resolve_ds_config(cfg, ctx.world_size, False))
     losses = []
     for step in range(5):
         x, y = batches(step)

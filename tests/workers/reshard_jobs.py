@@ -68,7 +68,7 @@ def run_job(job, ctx, out):
             ds_config = reshard.configure(resolve_ds_config(cfg, ctx.world_size, ctx.on_gpu), plan)
     torch.manual_seed(cfg.run.seed + ctx.rank)
     model = build_model(mcfg, ds_config)
-    engine, _ = build_engine(model, cfg, ds_config, ctx.on_gpu)
+    engine, _ = build_engine(model, cfg, ds_config)
     start = 0
     if job.get("resume"):
         t0 = time.perf_counter()

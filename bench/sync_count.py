@@ -8,7 +8,8 @@ torch.cuda.set_sync_debug_mode("warn"), and counts every synchronising CUDA call
 from: the loop's phase (the step, the read-back of the dispatched steps, the stop check, logging,
 the data loader's thread, set-up), the innermost dsgpt frame and the innermost frame outside dsgpt
 (DeepSpeed's or torch's). A count equal to the steps is a sync every step; one equal to
-steps / log_interval happens only at log steps. Set-up, the final evaluation and checkpoint are listed apart. Rows go to bench/RESULTS.md.
+steps / log_interval happens only at log steps. Set-up, the final evaluation and checkpoint are
+listed apart. Rows go to bench/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -12,6 +12,11 @@ from dsgpt.model import param_groups
 from dsgpt.train.schedules import build_scheduler
 
 
+# Optimizer group entries that say how the update is computed, not what the run trained with: a
+# checkpoint from another layout or device (an unfused CPU update, say) must not overwrite them.
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
 class GuardedAdamW(torch.optim.AdamW):
     """AdamW that clips, records the gradient norm and skips non-finite steps by itself, on the device.
 
@@ -40,11 +45,13 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
     def load_state_dict(self, state_dict):
+        live = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
-        # The saved groups replace ours: one saved before the update was fused says fused=False,
-        # and the fused kernel wants each step count on its parameter's device.
-        for group in self.param_groups:
-            group["fused"], group["foreach"] = True, None
+        # The saved groups replace ours, and one saved before the update was fused says fused=False:
+        # keep this optimizer's way of computing, and the fused kernel wants each step count on its
+        # parameter's device.
+        for group, kept in zip(self.param_groups, live):
+            group.update(kept)
             for p in group["params"]:
                 st = self.state.get(p, {})
                 if torch.is_tensor(st.get("step")):

@@ -46,6 +46,7 @@ import torch
 
 from dsgpt import dist
 from dsgpt.errors import UserError
+from dsgpt.train.engine import IMPLEMENTATION_KEYS
 
 UNIVERSAL_DIR = "universal"
 DONE_FILE = "dsgpt_universal.json"  # written last inside the temp folder, before the rename
@@ -433,11 +434,6 @@ def _inner_optimizer(engine):
     return getattr(opt, "optimizer", opt)
 
 
-# Group entries that say how this optimizer computes its update, not what the run trained with: a
-# checkpoint from another layout or device (an unfused CPU update, say) must not overwrite them.
-IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
-
-
 def _restore_group_hyperparameters(engine, saved_groups: list[dict]) -> None:
     """ZeRO 3's universal load copies group 0's hyperparameters into every group; put each back."""
     groups = _inner_optimizer(engine).param_groups
@@ -446,7 +442,7 @@ def _restore_group_hyperparameters(engine, saved_groups: list[dict]) -> None:
                         f"{len(groups)}: it belongs to another model.")
     for group, saved in zip(groups, saved_groups):
         for key, value in saved.items():
-            if key not in ("params", *IMPLEMENTATION_KEYS):
+            if key not in ("params", *IMPLEMENTATION_KEYS):  # the live optimizer's way of computing stays
                 group[key] = value
 
 

@@ -63,9 +63,9 @@ def dispatch_step(engine, batch, device) -> PendingStep:
 
 
 def _device_skip_flag(engine) -> Optional[torch.Tensor]:
-    """GuardedAdamW's flag of the step just taken; None for DeepSpeed's optimizers, which say on the host."""
-    opt = getattr(engine, "optimizer", None)
-    return getattr(getattr(opt, "optimizer", opt), "skipped", None)
+    """GuardedAdamW's flag of the step just taken (the engine holds it unwrapped); None for
+    DeepSpeed's optimizers, which say on the host."""
+    return getattr(getattr(engine, "optimizer", None), "skipped", None)
 
 
 def read_back(pending: list[PendingStep]) -> list[StepResult]:

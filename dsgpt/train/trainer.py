@@ -86,30 +86,32 @@ def train(cfg: Config, argv: Optional[list[str]] = None) -> RunSummary:
                     if profiler:
                         profiler.step()
                     hang.progress(step)
-                    busy = (any(_due(step, i) for i in (t.log_interval, t.eval_interval, t.save_interval,
-                                                          t.sample_interval))
-                            or step == t.max_steps or bool(task_evals and task_evals.due(step, t.max_steps)))
+                    evaluating = _due(step, t.eval_interval) or step == t.max_steps
+                    task_evaluating = bool(task_evals and task_evals.due(step, t.max_steps))
+                    sampling = _due(step, t.sample_interval)
+                    saving = _due(step, t.save_interval) or step == t.max_steps
+                    busy = evaluating or task_evaluating or sampling or saving or _due(step, t.log_interval)
                     if run.unread.due(busy) and run.settle(step):
                         reason = "nonfinite"
                         break
                     improved = False
-                    if _due(step, t.eval_interval) or step == t.max_steps:
+                    if evaluating:
                         with hang.phase("eval"):
                             improved = run.evaluate(step)
                             pruning.after_eval(step)
-                    if task_evals and task_evals.due(step, t.max_steps):
+                    if task_evaluating:
                         with hang.phase("eval"):
                             scores = task_evals.run(run.engine, ctx)
                             run.log.log(step, scores)
                             run.console(f"step {step}: {task_evals.summary(scores)}")
-                    if _due(step, t.sample_interval):
+                    if sampling:
                         with hang.phase("sample"):
                             run.log_sample(step)
                     reason = run.stop_reason() or pruning.reason()  # agreed by all ranks
                     if reason and run.settle(step):  # a stop saves: the steps before it are read first
                         reason = "nonfinite"
                         break
-                    if _due(step, t.save_interval) or reason or step == t.max_steps or (improved and t.save_best):
+                    if saving or reason or (improved and t.save_best):
                         with hang.phase("checkpoint"):
                             run.save(step)
                     if reason:

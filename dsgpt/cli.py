@@ -471,6 +471,7 @@ def _add_lr_find(sub) -> None:
 
 
 def _run_lr_find(args) -> int:
+    from dsgpt import dist
     from dsgpt.config import load_config
     from dsgpt.lr_find import check_range, run_lr_find
     check_range(args.start, args.end, args.steps)  # before any work
@@ -481,6 +482,7 @@ def _run_lr_find(args) -> int:
         print(f"lowest smoothed loss {min(res.smoothed):.4f}; suggested optim.lr="
               f"{res.suggestion:.3g}" if res.suggestion else "no suggestion: the loss never fell")
         print(f"table: {res.table}\nplot: {res.plot}")
+    dist.teardown()  # gloo's threads left to interpreter exit can abort a finished process
     return 0
 
 

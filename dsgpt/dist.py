@@ -261,10 +261,12 @@ def exit_rank(code: int) -> None:
 
     With gloo and DeepSpeed's CPU ops loaded, the C++ clean-up after interpreter exit now and then
     aborts a rank that has finished ("terminate called without an active exception", exit -6),
-    turning a good run into a failed one. A rank started by a launcher (WORLD_SIZE, Slurm or MPI
-    > 1) therefore runs Python's exit handlers, flushes its output and leaves with os._exit; a
-    plain single process exits normally."""
-    if launched_world_size() <= 1:
+    turning a good run into a failed one; a plain single process that joined a one-rank group
+    aborts the same way. A rank started by a launcher (WORLD_SIZE, Slurm or MPI > 1), or any
+    process whose group is still up, therefore runs Python's exit handlers, flushes its output and
+    leaves with os._exit; a plain process without a group exits normally."""
+    import torch.distributed as td
+    if launched_world_size() <= 1 and not td.is_initialized():
         sys.exit(code)
     import atexit
     import logging

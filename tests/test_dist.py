@@ -98,3 +98,35 @@ def test_one_rank_reductions_make_no_tensor():
         assert dist.all_reduce_max([3.0, 0.0, True], torch.device("cpu")) == [3.0, 0.0, 1.0]
         assert dist.all_reduce_sum([1.5, 2], torch.device("cpu")) == [1.5, 2.0]
     assert ops.seen == []
+
+
+EXIT_PROBE = """
+import atexit, sys
+from pathlib import Path
+from dsgpt import dist
+dist.setup()  # a plain process joins a one-rank gloo group, as `python launch/train.py` does
+atexit.register(lambda: Path(sys.argv[1]).write_text("handlers ran"))
+class Finalized:  # interpreter teardown, skipped together with the C++ clean-up
+    def __init__(self, path):
+        self.touch = Path(path).touch  # bound now: module globals may be gone when __del__ runs
+    def __del__(self):
+        self.touch()
+kept = Finalized(sys.argv[1] + ".finalized")
+sys.stdout.write("buffered, no newline")
+dist.exit_rank(3)
+"""
+
+
+def test_a_plain_process_with_a_group_leaves_through_exit_rank(tmp_path):
+    # Left to interpreter exit, gloo's threads now and then abort a finished process (-6); exit_rank
+    # skips the C++ clean-up but still runs the exit handlers, flushes output and keeps the code.
+    import subprocess
+    from pathlib import Path
+    from conftest import PY, REPO, child_env
+    marker = tmp_path / "atexit.txt"
+    proc = subprocess.run([PY, "-c", EXIT_PROBE, str(marker)], cwd=REPO, env=child_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert proc.stdout.endswith("buffered, no newline")
+    assert marker.read_text() == "handlers ran"
+    assert not Path(f"{marker}.finalized").exists()

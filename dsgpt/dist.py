@@ -19,6 +19,10 @@ from typing import Optional
 
 from dsgpt import hygiene
 
+# A gloo group over the same ranks for values that live on the host (signals, clocks): agreeing on
+# them over NCCL would copy them to the GPU and read them back, a device synchronisation each time.
+_host_group = None
+
 
 @dataclass
 class DistContext:
@@ -226,15 +230,18 @@ def setup(timeout_minutes: float = 10.0) -> DistContext:
     # nothing a user can act on, and it buries the training log.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     backend = "nccl" if on_gpu else "gloo"
+    global _host_group
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
         if not on_gpu:
             # Every peer has mapped every rank's all-reduce buffer once all passed init: each
             # rank's name can go now, so no exit (SIGKILL included) leaves it in /dev/shm.
             if launch.world > 1:
                 torch.distributed.barrier()
             hygiene.release_own_shm(launch.rank)
+    if launch.world > 1 and _host_group is None:  # every rank, here: creating a group is collective
+        _host_group = torch.distributed.new_group(backend="gloo", timeout=timeout)
     return DistContext(rank=launch.rank, local_rank=launch.local_rank, world_size=launch.world,
                        local_world_size=launch.local_world, node_rank=launch.node_rank, backend=backend,
                        device_type="cuda" if on_gpu else "cpu", launcher=launch.launcher,
@@ -251,9 +258,11 @@ def teardown() -> None:
     """End this rank's part in the process group once every rank is done: left to interpreter
     exit, gloo's threads can abort the process after its work is finished."""
     import torch.distributed as td
+    global _host_group
     if td.is_initialized():
         td.barrier()
-        td.destroy_process_group()
+        td.destroy_process_group()  # the host group with it
+    _host_group = None
 
 
 def exit_rank(code: int) -> None:
@@ -312,15 +321,31 @@ def all_reduce_max(values: list[float], device) -> list[float]:
     return _all_reduce_floats(values, device, "max")
 
 
-def _all_reduce_floats(values: list[float], device, op: str) -> list[float]:
+def host_max(values: list[float]) -> list[float]:
+    """The largest of each host-side float (a signal number, a clock flag) over all ranks, agreed
+    over the host group: no device is involved, so the trainer can ask every step."""
+    import torch
+    return _all_reduce_floats(values, torch.device("cpu"), "max", group=host_group())
+
+
+def host_group():
+    """The gloo group for host-side values (None without a process group of several ranks)."""
+    import torch.distributed as td
+    if _host_group is None and td.is_initialized() and td.get_world_size() > 1:
+        raise RuntimeError("dsgpt.dist.setup() has not run on this process group: it makes the gloo group "
+                           "that host-side values (signals, clocks) are agreed over; call it on every rank first")
+    return _host_group
+
+
+def _all_reduce_floats(values: list[float], device, op: str, group=None) -> list[float]:
     # On one rank nothing goes to the device: on a GPU, the copy there and the read back would be
-    # two host synchronisations each time the trainer checks whether to stop (every step).
+    # two host synchronisations each time.
     import torch
     import torch.distributed as td
     if not (td.is_initialized() and td.get_world_size() > 1):
         return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    td.all_reduce(t, op=td.ReduceOp.SUM if op == "sum" else td.ReduceOp.MAX)
+    td.all_reduce(t, op=td.ReduceOp.SUM if op == "sum" else td.ReduceOp.MAX, group=group)
     return t.tolist()
 
 

@@ -90,6 +90,9 @@ def test_steps_read_nothing_back_until_a_log_step(blown_up):
         assert summary["read_back_at"] == [5, 10]
         assert list(summary["losses"]) == [str(s) for s in range(1, 11)]  # every step's loss, read late
         assert list(summary["grad_norms"]) == ["5", "10"]
+        # The per-step stop check agrees on host values over the gloo host group: on a GPU, the
+        # default (NCCL) group would copy them to the device and read them back every step.
+        assert summary["stop_collectives"] == ["host group, cpu"] * 10
 
 
 def test_guarded_adamw_skips_on_the_device():

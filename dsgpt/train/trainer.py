@@ -338,7 +338,7 @@ class Run:
         t = self.t
         early = 0 < t.early_stop_patience <= self.state.evals_since_best  # same on every rank
         time_up = t.max_minutes is not None and (time.time() - self.start_time) / 60 >= t.max_minutes
-        signum, time_flag = dist.all_reduce_max([float(signals.number()), float(time_up)], self.device)
+        signum, time_flag = dist.host_max([float(signals.number()), float(time_up)])  # no device sync
         if early:
             return "early_stop"
         if signum:

@@ -49,8 +49,9 @@ READS = {"item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "
 
 @contextlib.contextmanager
 def counted_reads(enabled: bool, seen: dict):
-    """Records the reads made inside each Run.train_step (seen["step_reads"]: step -> call names)
-    and the steps at which Run.settle read dispatched steps back (seen["read_back_at"])."""
+    """Records the reads made inside each Run.train_step (seen["step_reads"]: step -> call names),
+    the steps at which Run.settle read dispatched steps back (seen["read_back_at"]) and the
+    collectives of each stop check (seen["stop_collectives"])."""
     if not enabled:
         yield
         return
@@ -69,8 +70,13 @@ def counted_reads(enabled: bool, seen: dict):
                 self.names.append(name)
             return func(*args, **(kwargs or {}))
 
-    original_step, original_settle = Run.train_step, Run.settle
-    seen.update(step_reads={}, read_back_at=[])
+    import torch.distributed as td
+
+    from dsgpt import dist
+
+    original_step, original_settle, original_stop = Run.train_step, Run.settle, Run.stop_reason
+    original_all_reduce = td.all_reduce
+    seen.update(step_reads={}, read_back_at=[], stop_collectives=[])
 
     def train_step(run, step):
         with Reads() as reads:
@@ -82,11 +88,23 @@ def counted_reads(enabled: bool, seen: dict):
             seen["read_back_at"].append(now)
         return original_settle(run, now)
 
-    Run.train_step, Run.settle = train_step, settle
+    def stop_reason(run):
+        """Records each collective of the stop check: its group and where its tensor lives."""
+        def all_reduce(tensor, *args, group=None, **kwargs):
+            on = "host group" if group is not None and group is dist.host_group() else "default group"
+            seen["stop_collectives"].append(f"{on}, {tensor.device.type}")
+            return original_all_reduce(tensor, *args, group=group, **kwargs)
+        td.all_reduce = all_reduce
+        try:
+            return original_stop(run)
+        finally:
+            td.all_reduce = original_all_reduce
+
+    Run.train_step, Run.settle, Run.stop_reason = train_step, settle, stop_reason
     try:
         yield
     finally:
-        Run.train_step, Run.settle = original_step, original_settle
+        Run.train_step, Run.settle, Run.stop_reason = original_step, original_settle, original_stop
 
 
 def main() -> int:

@@ -1,11 +1,14 @@
-"""Launcher discovery: who a rank is, from the deepspeed launcher's, srun's or a plain run's env."""
+"""Launcher discovery (who a rank is, from the deepspeed launcher's, srun's or a plain run's env) and how a process leaves."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
+from conftest import PY, REPO, child_env
 from dsgpt import dist
 
 SLURM_VARS = ("SLURM_PROCID", "SLURM_STEP_ID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID",
@@ -120,9 +123,6 @@ dist.exit_rank(3)
 def test_a_plain_process_with_a_group_leaves_through_exit_rank(tmp_path):
     # Left to interpreter exit, gloo's threads now and then abort a finished process (-6); exit_rank
     # skips the C++ clean-up but still runs the exit handlers, flushes output and keeps the code.
-    import subprocess
-    from pathlib import Path
-    from conftest import PY, REPO, child_env
     marker = tmp_path / "atexit.txt"
     proc = subprocess.run([PY, "-c", EXIT_PROBE, str(marker)], cwd=REPO, env=child_env(), capture_output=True,
                           text=True, timeout=300)

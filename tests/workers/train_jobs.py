@@ -4,9 +4,9 @@
 
 JOBS.json: a list of {"name": ..., "config": path, "overrides": [...], "grad_scale": optional,
 "count_reads": optional}. For each job, each rank writes OUT_DIR/<name>.rank<R>.json with the run
-summary (per-step losses, engine facts; with count_reads, what each step read back from its tensors
-and the steps at which the trainer read its dispatched steps back). Several jobs share one launch
-because starting ranks costs more than a tiny run itself.
+summary (per-step losses, engine facts; with count_reads, what each step read back from its tensors,
+the steps at which the trainer read its dispatched steps back and the collectives of each stop
+check). Several jobs share one launch because starting ranks costs more than a tiny run itself.
 """
 
 import contextlib

@@ -1,4 +1,5 @@
-"""Launcher discovery (who a rank is, from the deepspeed launcher's, srun's or a plain run's env) and how a process leaves."""
+"""Launcher discovery (who a rank is, from the deepspeed launcher's, srun's or a plain run's env)
+and how a process leaves."""
 
 from __future__ import annotations
 

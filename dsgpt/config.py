@@ -47,8 +47,8 @@ class ModelSection(Section):
     dropout: float = 0.0
     bias: bool = True
     activation_checkpointing: bool = False
-    # Training loss over this many tokens' logits at a time (recomputed in backward), so the fp32
-    # logits of a whole micro-batch never exist at once; 0 = all at once.
+    # Training loss over this many tokens' logits at a time (each chunk's gradients made in its
+    # forward), so the fp32 logits of a whole micro-batch never exist at once; 0 = all at once.
     loss_chunk_tokens: int = Field(0, ge=0)
     # torch.compile the model inside the DeepSpeed engine (engine.compile: inductor on GPU and CPU).
     compile: bool = False

@@ -34,8 +34,9 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
     layer_norm_epsilon: float = 1e-5
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
-    # Training loss over this many tokens' logits at a time, recomputed in backward: the fp32
-    # logits of the whole batch (B x T x vocab) never exist at once. 0 = all at once.
+    # Training loss over this many tokens' logits at a time, each chunk's gradients made in
+    # forward: the fp32 logits of the whole batch (B x T x vocab) never exist at once, and nothing
+    # is recomputed. 0 = all at once.
     loss_chunk_tokens: int = 0
 
     def __post_init__(self):
@@ -147,7 +148,7 @@ class GPT(nn.Module):
                 ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias),
             )
         )
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = OutputHead(cfg.n_embd, cfg.vocab_size, bias=False)
         # Tied input/output embeddings (GPT-2): one matrix, trained by both uses.
         self.lm_head.weight = self.transformer.wte.weight
 
@@ -223,7 +224,7 @@ class GPT(nn.Module):
         if targets is not None:
             chunk = self.config.loss_chunk_tokens
             if chunk:
-                return chunked_token_loss_sum(self.lm_head, x, targets, chunk)
+                return self.lm_head(x, targets, chunk)
             return token_loss_sum(self.lm_head(x), targets, overwrite=True)  # the logits are not returned
         logits = self.lm_head(x)
         if cache is None:
@@ -301,37 +302,51 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+def _loss_and_gradient(logits: torch.Tensor, labels: torch.Tensor, overwrite: bool,
+                       want_gradient: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Cross entropy of logits (N, V) against labels (N,): (the fp32 sum over the counted rows, the
+    counted-row mask, the fp32 gradient softmax - one-hot or None). The gradient's rows of uncounted
+    labels are garbage: the caller masks them.
+
+    One softmax, turned into the gradient in place, written over the logits when ``overwrite``
+    says nobody else reads them (or when they are not fp32, as a copy is made anyway). The
+    log-sum-exp comes from the softmax too: the largest logit's probability is 1 / sum(exp(x - max)),
+    never smaller than 1/V.
+
+    Not torch.exp: in about one training process in five on this CPU build (torch 2.13), its call in
+    the loss gave the rows of the second OpenMP thread relative errors of ~1e-4, so that two runs
+    of one seed differed; the softmax kernel computes its own exponentials and has not."""
+    counted = labels != IGNORE_INDEX
+    target = labels.masked_fill(~counted, 0)[:, None]  # any valid index: these rows count as 0
+    picked = logits.gather(1, target).squeeze(1).float()
+    top, at_top = logits.max(dim=-1, keepdim=True)
+    work = logits.float()  # a copy unless the logits are fp32 already: then ours only if allowed
+    ours = overwrite or logits.dtype != torch.float32
+    probs = torch.softmax(work, -1, out=work if ours else None)
+    lse = (top.float() - probs.gather(1, at_top).log()).squeeze(1)
+    loss = torch.where(counted, lse - picked, 0.0).sum()
+    if not want_gradient:
+        return loss, counted, None
+    return loss, counted, probs.scatter_add_(1, target, probs.new_full(target.shape, -1.0))
+
+
 class _SummedCrossEntropy(torch.autograd.Function):
     """Cross entropy of logits (N, V), any float dtype, summed in fp32 over the rows whose label is
     not IGNORE_INDEX; the same value and gradient as F.cross_entropy(..., reduction="sum").
 
     F.cross_entropy keeps the fp32 log-probabilities (N x V) for backward and builds the gradient
     in more passes over N x V (a zero-filled one-hot, nll and log_softmax backward). Here forward
-    runs one softmax, turns it into the gradient softmax - one-hot for backward to scale, and
-    writes it over the logits when ``overwrite`` says nobody else reads them (the model's training
-    loss): no N x V tensor is allocated at all for fp32 logits, and bf16 logits get only the fp32
-    softmax, the size of F.cross_entropy's fp32 copy. The log-sum-exp comes from the softmax too:
-    the largest logit's probability is 1 / sum(exp(x - max)), never smaller than 1/V.
-
-    Not torch.exp: in about one training process in five on this CPU build (torch 2.13), its call in
-    the loss gave the rows of the second OpenMP thread relative errors of ~1e-4, so that two runs
-    of one seed differed; the softmax kernel computes its own exponentials and has not."""
+    makes the gradient (`_loss_and_gradient`) for backward to scale: with ``overwrite`` no N x V
+    tensor is allocated at all for fp32 logits, and bf16 logits get only the fp32 softmax, the size
+    of F.cross_entropy's fp32 copy."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, overwrite: bool) -> torch.Tensor:
-        counted = labels != IGNORE_INDEX
-        target = labels.masked_fill(~counted, 0)[:, None]  # any valid index: these rows count as 0
-        picked = logits.gather(1, target).squeeze(1).float()
-        top, at_top = logits.max(dim=-1, keepdim=True)
-        work = logits.float()  # a copy unless the logits are fp32 already: then ours only if allowed
-        ours = overwrite or logits.dtype != torch.float32
-        probs = torch.softmax(work, -1, out=work if ours else None)
-        lse = (top.float() - probs.gather(1, at_top).log()).squeeze(1)
-        if ctx.needs_input_grad[0]:
-            probs.scatter_add_(1, target, probs.new_full(target.shape, -1.0))
-            ctx.save_for_backward(probs, counted)
+        loss, counted, grad = _loss_and_gradient(logits, labels, overwrite, ctx.needs_input_grad[0])
+        if grad is not None:
+            ctx.save_for_backward(grad, counted)
             ctx.dtype = logits.dtype
-        return torch.where(counted, lse - picked, 0.0).sum()
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -358,22 +373,85 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
     return summed_cross_entropy(logits, labels, overwrite), (labels != IGNORE_INDEX).sum()
 
 
-def _head_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return summed_cross_entropy(head(hidden), labels, overwrite=True)
-
-
-def chunked_token_loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                           chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`token_loss_sum(head(hidden), labels)` over `chunk` positions at a time, each chunk's
-    logits recomputed in backward: at most one chunk's logits (and their fp32 copy) exist at once.
-
-    The head is called as a module, once per chunk and again in backward, so ZeRO-3 gathers its
-    weight around each call."""
-    h, y = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
+def _chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
+                       want_hidden: bool, want_weight: bool):
+    """The summed cross entropy of ``hidden @ weight.T`` (N, V) against labels (N,), `chunk` rows
+    at a time, and the gradients of hidden and weight asked for (else None), made chunk by chunk:
+    only one chunk's logits (and their fp32 gradient) exist at once. The matmuls run in the dtype
+    the logits get (autocast's under autocast), as the unchunked forward and backward do; the
+    weight's gradient sums the chunks in fp32."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    weight = weight.to(dtype)  # cast once, not once per chunk
+    grad_hidden = torch.empty_like(hidden) if want_hidden else None
+    grad_weight = weight.new_zeros(weight.shape, dtype=torch.float32) if want_weight else None
     total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, h.size(0), chunk):
-        total = total + checkpoint(_head_loss, head, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
-    return total, (y != IGNORE_INDEX).sum()
+    for i in range(0, hidden.size(0), chunk):
+        rows = slice(i, i + chunk)
+        # A call per chunk: its logits are freed before the next chunk's are made.
+        total += _head_chunk(hidden[rows].to(dtype), weight, labels[rows],
+                             grad_hidden[rows] if want_hidden else None, grad_weight)
+    return total, grad_hidden, grad_weight
+
+
+def _head_chunk(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, grad_hidden: torch.Tensor | None,
+                grad_weight: torch.Tensor | None) -> torch.Tensor:
+    """One chunk of `_chunked_head_loss`: its summed loss; its gradients written into ``grad_hidden``
+    (its rows) and added to ``grad_weight`` when given."""
+    logits = F.linear(h, weight)
+    want = grad_hidden is not None or grad_weight is not None
+    loss, counted, grad = _loss_and_gradient(logits, labels, True, want)
+    if not want:
+        return loss
+    if grad.dtype != logits.dtype:
+        grad = logits.copy_(grad)  # back to the matmul dtype, in the logits' storage
+    # The rows of uncounted labels are zeroed on the E-wide side, cheaper than on the V-wide one.
+    keep = counted[:, None].to(h.dtype)
+    if grad_hidden is not None:
+        torch.mul(torch.mm(grad, weight), keep, out=grad_hidden)
+    if grad_weight is not None:
+        if grad.dtype == torch.float32:
+            grad_weight.addmm_(grad.t(), h * keep)
+        else:  # summed in fp32: no rounding to bf16 per chunk
+            grad_weight += torch.mm(grad.t(), h * keep)
+    return loss
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """`_chunked_head_loss` with its gradients made in forward, so nothing is recomputed: backward
+    only scales the two it kept (N x E, and V x E in fp32) by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        total, grad_hidden, grad_weight = _chunked_head_loss(hidden, weight, labels, chunk,
+                                                             *ctx.needs_input_grad[:2])
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors  # scaled in place: a second backward fails loudly
+        return (None if grad_hidden is None else grad_hidden.mul_(grad_out),
+                None if grad_weight is None else grad_weight.mul_(grad_out).to(ctx.weight_dtype), None, None)
+
+
+class OutputHead(nn.Linear):
+    """The output layer (its weight is the token table). ``head(hidden)`` gives the logits;
+    ``head(hidden, labels, chunk)`` the training loss as `token_loss_sum` gives it, computed `chunk`
+    tokens at a time by `_ChunkedHeadLoss`. Either way it is called as a module, so ZeRO-3 gathers
+    the weight around the call."""
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None, chunk: int = 0):
+        if labels is None:
+            return super().forward(hidden)
+        h, y = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
+        if torch.is_grad_enabled() and (h.requires_grad or self.weight.requires_grad):
+            loss = _ChunkedHeadLoss.apply(h, self.weight, y, chunk)
+        else:  # no backward to come (Function.apply would still say the inputs need gradients)
+            loss = _chunked_head_loss(h, self.weight, y, chunk, False, False)[0]
+        return loss, (y != IGNORE_INDEX).sum()
 
 
 def _num_params_non_embedding(cfg: GPTConfig) -> int:

@@ -41,11 +41,14 @@ Outside the blocks: ln_f's input and output (2aE), statistics (2a), token ids an
 The loss (computed inside the model, dsgpt.model.summed_cross_entropy) turns the logits into their
 fp32 gradient in place: 4V per token in fp32; with 2-byte logits their fp32 copy is made beside
 them, and in backward the 2-byte gradient beside the fp32 one, so (4 + a)V = 6V. That is per token
-of the micro batch, or of one chunk with model.loss_chunk_tokens (recomputed in backward); the
-formulas write it lV (l = 4 in fp32, 6 otherwise).
+of the micro batch, or of one chunk with model.loss_chunk_tokens; the formulas write it lV (l = 4
+in fp32, 6 otherwise). Chunks make their gradients in forward: the output layer's weight gradient
+is kept in fp32 from forward to backward (4VE), and each chunk's share of it is made beside it
+(aVE more when a != 4).
 
-    no checkpointing:  tokens·(L·(16aE + 4a + 4H) + 2aE + 2a + 16) + lV·logit tokens
-    checkpointing:     tokens·(L·aE + 2aE + 2a + 16) + max(lV·logit tokens, tokens·one block)
+    no checkpointing:  tokens·(L·(16aE + 4a + 4H) + 2aE + 2a + 16) + loss
+    checkpointing:     tokens·(L·aE + 2aE + 2a + 16) + max(loss, tokens·one block)
+    loss:              lV·tokens, or in chunks lV·chunk + (4 + a)VE (4VE in fp32)
 
 (Without flash attention, e.g. dropout > 0 on CPU, the math kernel adds the H·T scores per token.)
 
@@ -247,9 +250,13 @@ def logit_bytes_per_entry(a: int) -> int:
 
 def logits_bytes(m: GPTConfig, tokens: int, a: int) -> int:
     """The loss's peak over the whole micro batch or, with model.loss_chunk_tokens, over one chunk at
-    a time (`logit_bytes_per_entry` per vocabulary entry per token)."""
+    a time (`logit_bytes_per_entry` per vocabulary entry per token), plus what chunks keep besides:
+    the output layer's fp32 weight gradient (4VE) and, when a != 4, each chunk's share of it (aVE)."""
     chunk = m.loss_chunk_tokens
-    return logit_bytes_per_entry(a) * m.vocab_size * (min(chunk, tokens) if chunk else tokens)
+    if not chunk:
+        return logit_bytes_per_entry(a) * m.vocab_size * tokens
+    head_gradient = (4 + (a if a != 4 else 0)) * m.vocab_size * m.n_embd
+    return logit_bytes_per_entry(a) * m.vocab_size * min(chunk, tokens) + head_gradient
 
 
 def activation_bytes(m: GPTConfig, micro: int, a: int, checkpointing: bool, r: Optional[int] = None) -> int:
@@ -529,6 +536,9 @@ def _explain(p: Plan) -> list[str]:
     logit_tokens = min(m.loss_chunk_tokens, tokens) if m.loss_chunk_tokens else tokens
     logits = logits_bytes(m, tokens, a)
     lv = f"{logit_bytes_per_entry(a)}V"
+    loss = f"{lv} x {logit_tokens:,} logit tokens"
+    if m.loss_chunk_tokens:  # the chunks' fp32 head gradient and each chunk's share of it
+        loss += f" + head gradient {logits - logit_bytes_per_entry(a) * m.vocab_size * logit_tokens:,}"
     if r == a:
         per_block, outside, kept = "16aE + 4a + 4H", "2aE + 2a + 16", "L*aE"
         casts = ""
@@ -537,11 +547,11 @@ def _explain(p: Plan) -> list[str]:
         copies = autocast_weight_bytes(m, 0 if best.checkpointing else L)
         casts = f" + bf16 weight copies {copies:,}"
     if best.checkpointing:
-        formula = (f"{tokens:,} tokens x ({kept} + {outside} = {body:,}){casts} + max({lv} x {logit_tokens:,} logit "
-                   f"tokens, tokens x block {block:,}" + (" + its weight copies" if casts else "") + ")")
+        formula = (f"{tokens:,} tokens x ({kept} + {outside} = {body:,}){casts} + max({loss}, "
+                   f"tokens x block {block:,}" + (" + its weight copies" if casts else "") + ")")
     else:
         formula = (f"{tokens:,} tokens x (L*({per_block}) + {outside} = {L}*{block:,} + "
-                   f"{body - L * block:,} = {body:,}){casts} + {lv} x {logit_tokens:,} logit tokens")
+                   f"{body - L * block:,} = {body:,}){casts} + {loss}")
     hint = []
     if not m.loss_chunk_tokens and logits > best.activations / 4:
         chunk = 4096

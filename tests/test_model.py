@@ -334,10 +334,8 @@ def test_activation_checkpointing_same_loss_and_grads(monkeypatch):
     assert len(calls) == cfg.n_layer
 
 
-@pytest.mark.parametrize("chunk", [7, 1000])
-def test_chunked_loss_same_loss_and_grads(chunk):
-    """The training loss through `targets`, whole or in chunks (uneven; one larger than the batch),
-    equals token_loss_sum on the full logits, gradients too (fp32, 1e-5)."""
+def _chunked_pair(chunk: int):
+    """A model, its copy that takes the loss in chunks, tokens and their labels (5 masked)."""
     cfg = small_cfg()
     torch.manual_seed(0)
     whole = GPT(cfg).train()
@@ -346,6 +344,14 @@ def test_chunked_loss_same_loss_and_grads(chunk):
     x = tokens(3)
     y = torch.roll(x, -1, dims=1)
     y[0, :5] = -100  # masked labels count as nothing, in any chunk
+    return whole, chunked, x, y
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_chunked_loss_same_loss_and_grads(chunk):
+    """The training loss through `targets`, whole or in chunks (uneven; one larger than the batch),
+    equals token_loss_sum on the full logits, gradients too (fp32, 1e-5)."""
+    whole, chunked, x, y = _chunked_pair(chunk)
     results = []
     for model, call in ((whole, lambda m: token_loss_sum(m(x), y)), (whole, lambda m: m(x, targets=y)),
                         (chunked, lambda m: m(x, targets=y))):
@@ -359,6 +365,55 @@ def test_chunked_loss_same_loss_and_grads(chunk):
         assert loss_b == pytest.approx(loss_a, rel=1e-6)
         for k in grads_a:
             torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_chunked_loss_makes_its_gradients_in_forward():
+    """Each chunk's logits are multiplied once and its two gradients made right away: three
+    vocabulary-wide matmuls per chunk in forward, none in backward (recomputing the logits there
+    would be a fourth); without a backward to come, only the logits' one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class VocabMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_) and any(
+                    isinstance(a, torch.Tensor) and VOCAB in a.shape for a in args):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    _, chunked, x, y = _chunked_pair(chunk=40)  # 96 tokens: chunks of 40, 40 and 16
+    forward, backward = VocabMatmuls(), VocabMatmuls()
+    with forward:
+        loss_sum, n = chunked(x, targets=y)
+    with backward:
+        (loss_sum / n).backward()
+    assert (forward.count, backward.count) == (3 * 3, 0)
+    with torch.no_grad(), VocabMatmuls() as inference:
+        assert chunked(x, targets=y)[0].item() == pytest.approx(loss_sum.item(), rel=1e-6)
+    assert inference.count == 3
+
+
+@pytest.mark.parametrize("weights", ["fp32 under bf16 autocast", "bf16"])
+def test_chunked_loss_in_bf16_agrees_with_the_whole(weights):
+    """In bf16 the chunks' matmuls run in bf16 as the whole loss's do; the weight's gradient sums
+    the chunks in fp32, so the two agree to bf16's rounding, and gradients keep the weights' dtype."""
+    whole, chunked, x, y = _chunked_pair(chunk=40)
+    dtype = torch.bfloat16 if weights == "bf16" else torch.float32
+    results = []
+    for model in (whole.to(dtype), chunked.to(dtype)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.float32):
+            loss_sum, n = model(x, targets=y)
+        (loss_sum / n).backward()
+        results.append((loss_sum.item(), {k: p.grad for k, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-3)
+    for k in grads_a:
+        assert grads_b[k].dtype == dtype, k
+        scale = grads_a[k].abs().max().item()
+        torch.testing.assert_close(grads_b[k].float(), grads_a[k].float(), rtol=0, atol=2e-2 * scale, msg=k)
 
 
 def test_dropout_eval_deterministic_train_random():

@@ -17,7 +17,7 @@ from dsgpt.ds_config import resolve_ds_config
 from dsgpt.errors import UserError
 from dsgpt.model import GPT, GPTConfig
 from dsgpt.plan import (STRATEGIES, activation_bytes, activation_widths, autocast_weight_bytes, block_bytes_per_token,
-                        format_plan, logit_bytes_per_entry, logits_bytes, make_request, model_states, param_layout,
+                        format_plan, logits_bytes, make_request, model_states, param_layout,
                         plan, write_run_config)
 
 # Odd sizes on purpose: 45 wide, 33 positions, groups of odd length, so ZeRO's padding shows.
@@ -177,14 +177,17 @@ def test_per_layer_activation_formula_under_autocast():
     assert per_layer[True] == x.numel() * r * 96  # checkpointing keeps each block's fp32 input only
 
 
+@pytest.mark.parametrize("chunk", [0, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_loss_peak_matches_the_logits_formula(dtype, tmp_path):
+def test_loss_peak_matches_the_logits_formula(dtype, chunk, tmp_path):
     """The training loss's peak, through the model's own forward and backward (allocations recorded
     by the profiler), is logit_bytes_per_entry per vocabulary entry per token (4 in fp32, 6 in bf16)
-    plus the rest of a one-layer, 8-wide model's activations and gradients (~5% of it here)."""
+    of the whole micro batch or of one chunk (with the chunks' head gradient), plus the rest of a
+    one-layer, 8-wide model's activations and gradients (2-8% here). A chunk's logits kept while
+    the next chunk's are made would double the chunks' share."""
     T, V = 512, 4096
     torch.manual_seed(0)
-    m = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=T, vocab_size=V)
+    m = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=T, vocab_size=V, loss_chunk_tokens=chunk)
     model = GPT(m).to(dtype).train()
     x, y = torch.randint(0, V, (1, T)), torch.randint(0, V, (1, T))
     with torch.profiler.profile(profile_memory=True) as prof:
@@ -196,7 +199,7 @@ def test_loss_peak_matches_the_logits_formula(dtype, tmp_path):
     before = events[0]["Total Allocated"] - events[0]["Bytes"]  # in use before the forward
     peak = max(e["Total Allocated"] for e in events) - before
     a = torch.finfo(dtype).bits // 8
-    assert 1.0 <= peak / (logit_bytes_per_entry(a) * T * V) <= 1.1
+    assert 1.0 <= peak / logits_bytes(m, T, a) <= 1.1
 
 
 # ---- the peak: measured RSS of CPU runs (ZeRO 0-2 in fp32, ZeRO 0 in bf16-mixed, 1 rank) --------
@@ -374,8 +377,10 @@ def test_loss_chunking_shrinks_the_logits_and_the_plan_uses_it(tmp_path):
     m = GPTConfig.from_preset("gpt2-124m", vocab_size=50304)
     chunked = GPTConfig.from_preset("gpt2-124m", vocab_size=50304, loss_chunk_tokens=4096)
     assert logits_bytes(m, 16384, 2) == 6 * 50304 * 16384 and logits_bytes(m, 16384, 4) == 4 * 50304 * 16384
-    assert logits_bytes(chunked, 16384, 2) == logits_bytes(m, 4096, 2)
-    assert logits_bytes(chunked, 1024, 2) == logits_bytes(m, 1024, 2)
+    head_gradient = (4 + 2) * 50304 * 768  # kept in fp32, and each chunk's bf16 share made beside it
+    assert logits_bytes(chunked, 16384, 2) == logits_bytes(m, 4096, 2) + head_gradient
+    assert logits_bytes(chunked, 1024, 2) == logits_bytes(m, 1024, 2) + head_gradient
+    assert logits_bytes(chunked, 16384, 4) == logits_bytes(m, 4096, 4) + 4 * 50304 * 768
     plain = plan(make_request(preset="gpt2-124m", gpu_mem_gib=24, batch_seqs=64))
     with_chunks = plan(make_request(preset="gpt2-124m", gpu_mem_gib=24, batch_seqs=64, loss_chunk_tokens=4096))
     assert with_chunks.best.micro > plain.best.micro

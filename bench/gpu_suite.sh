@@ -9,7 +9,8 @@
 #                                   # is the model's own
 #   bash bench/gpu_suite.sh mixed   # the host's operations per step (DeepSpeed's bf16 ZeRO-1 vs bf16-mixed
 #                                   # ZeRO-0 with fused AdamW), then gpt2-350m as shipped (bf16, ZeRO-2)
-#                                   # beside bf16-mixed ZeRO-0 at the same micro batch
+#                                   # beside bf16-mixed ZeRO-0 at the same micro batch, then gpt2-124m's
+#                                   # loss whole or in chunks (time and memory of forward and backward)
 #
 # Every figure goes to bench/RESULTS.md. PYTHON picks the interpreter (default: python). The built-in
 # corpus stands in for real data: the presets train on it with GPT-2's padded vocabulary size, each in
@@ -52,6 +53,7 @@ mixed)
     $PY bench/throughput.py --config configs/gpt2-350m.yaml $TIMED $DATA model.compile=true --matrix micro=8
     $PY bench/throughput.py --config configs/gpt2-350m.yaml $TIMED $DATA model.compile=true \
         precision=bf16-mixed deepspeed.zero_stage=0 --matrix micro=8
+    $PY bench/loss_chunks.py --preset gpt2-124m --block 1024 --micro 16 --chunks 4096,16384 --precision bf16-mixed
     ;;
 *)
     echo "usage: bash bench/gpu_suite.sh smoke|bench|peers|mixed (see the top of this file)" >&2

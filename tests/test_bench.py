@@ -162,6 +162,22 @@ def test_matmul_peak_refuses_an_unknown_mode(capsys):
     assert "--modes takes bf16, fp16, tf32, fp32 (got fp8)" in capsys.readouterr().err
 
 
+def test_loss_chunks_bench_times_and_measures_each_variant(capsys):
+    """A smoke run on a tiny shape: the whole loss, the chunks as dsgpt makes them and the same
+    chunks recomputed, each with its time and a peak the profiler measured (nonzero)."""
+    from bench import loss_chunks
+    assert loss_chunks.main(["--preset", "tiny", "--block", "64", "--micro", "2", "--chunks", "48",
+                             "--repeats", "1", "--no-record"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line[:30].strip(): line for line in lines[1:]}
+    assert list(rows) == ["whole", "chunks of 48", "chunks of 48, recomputed"], lines
+    for line in rows.values():
+        peak = re.search(r"\d ms .* tokens/s  peak ([\d,.]+) MB$", line)
+        assert peak and float(peak.group(1).replace(",", "")) > 0, line
+    assert loss_chunks.main(["--chunks", "0", "--no-record"]) == 2
+    assert "--chunks takes positive token counts" in capsys.readouterr().err
+
+
 def test_mfu_cell_adds_the_share_of_the_measured_matmul_rate():
     from bench.throughput import mfu_cell
     assert mfu_cell(None, None) == "n/a"

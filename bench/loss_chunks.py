@@ -138,7 +138,8 @@ def measure(preset: str, block: int, micro: int, chunks: list[int], precision: s
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="gpt2-124m", help="a model preset (GPT-2's padded vocabulary), or tiny")
+    p.add_argument("--preset", default="gpt2-124m",
+                   help="a GPT-2 preset (with its padded vocabulary, 50304), or tiny: 2 layers x 64 wide, vocab 512")
     p.add_argument("--block", type=int, default=1024)
     p.add_argument("--micro", type=int, default=2)
     p.add_argument("--chunks", default="512", help="comma-separated chunk sizes in tokens")
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
     from bench import common
     from dsgpt.model import PRESETS
     if args.preset != "tiny" and args.preset not in PRESETS:
-        print(f"bench/loss_chunks.py: unknown --preset {args.preset!r}: one of tiny, {', '.join(PRESETS)}.",
+        print(f"bench/loss_chunks.py: unknown --preset {args.preset!r}: one of {', '.join(PRESETS)}.",
               file=sys.stderr)
         return 2
     got = measure(args.preset, args.block, args.micro, chunks, args.precision, args.repeats)

@@ -176,6 +176,8 @@ def test_loss_chunks_bench_times_and_measures_each_variant(capsys):
         assert peak and float(peak.group(1).replace(",", "")) > 0, line
     assert loss_chunks.main(["--chunks", "0", "--no-record"]) == 2
     assert "--chunks takes positive token counts" in capsys.readouterr().err
+    assert loss_chunks.main(["--preset", "gpt2-2b", "--no-record"]) == 2
+    assert "unknown --preset 'gpt2-2b': one of tiny, gpt2-124m" in capsys.readouterr().err
 
 
 def test_mfu_cell_adds_the_share_of_the_measured_matmul_rate():

@@ -67,6 +67,33 @@ def peak_memory_gb(on_gpu: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux: KiB
 
 
+def peak_allocated_bytes(run, on_gpu: bool) -> int:
+    """The most memory allocated while `run()` runs, above what was allocated when it started: CUDA's
+    allocator statistics on GPU, the profiler's allocation events on CPU (which also count frees of
+    blocks allocated before: free what `run` would free, e.g. old gradients, before calling this)."""
+    import json
+    import tempfile
+
+    import torch
+    if on_gpu:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with torch.profiler.profile(profile_memory=True) as prof:
+        run()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = [e["args"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        return 0
+    before = events[0]["Total Allocated"] - events[0]["Bytes"]  # in use before the first event
+    return max(e["Total Allocated"] for e in events) - before
+
+
 def memory_in_use_gb(on_gpu: bool) -> float:
     """This process's memory now: CUDA's allocated on GPU, the resident set on CPU."""
     if on_gpu:

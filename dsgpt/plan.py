@@ -250,13 +250,17 @@ def logit_bytes_per_entry(a: int) -> int:
 
 def logits_bytes(m: GPTConfig, tokens: int, a: int) -> int:
     """The loss's peak over the whole micro batch or, with model.loss_chunk_tokens, over one chunk at
-    a time (`logit_bytes_per_entry` per vocabulary entry per token), plus what chunks keep besides:
-    the output layer's fp32 weight gradient (4VE) and, when a != 4, each chunk's share of it (aVE)."""
+    a time (`logit_bytes_per_entry` per vocabulary entry per token) plus `chunk_head_gradient_bytes`."""
     chunk = m.loss_chunk_tokens
     if not chunk:
         return logit_bytes_per_entry(a) * m.vocab_size * tokens
-    head_gradient = (4 + (a if a != 4 else 0)) * m.vocab_size * m.n_embd
-    return logit_bytes_per_entry(a) * m.vocab_size * min(chunk, tokens) + head_gradient
+    return logit_bytes_per_entry(a) * m.vocab_size * min(chunk, tokens) + chunk_head_gradient_bytes(m, a)
+
+
+def chunk_head_gradient_bytes(m: GPTConfig, a: int) -> int:
+    """What loss chunks keep besides their logits: the output layer's fp32 weight gradient (4VE)
+    and, when a != 4, each chunk's a-byte share of it made beside it (aVE)."""
+    return (4 + (a if a != 4 else 0)) * m.vocab_size * m.n_embd
 
 
 def activation_bytes(m: GPTConfig, micro: int, a: int, checkpointing: bool, r: Optional[int] = None) -> int:
@@ -537,8 +541,8 @@ def _explain(p: Plan) -> list[str]:
     logits = logits_bytes(m, tokens, a)
     lv = f"{logit_bytes_per_entry(a)}V"
     loss = f"{lv} x {logit_tokens:,} logit tokens"
-    if m.loss_chunk_tokens:  # the chunks' fp32 head gradient and each chunk's share of it
-        loss += f" + head gradient {logits - logit_bytes_per_entry(a) * m.vocab_size * logit_tokens:,}"
+    if m.loss_chunk_tokens:
+        loss += f" + head gradient {chunk_head_gradient_bytes(m, a):,}"
     if r == a:
         per_block, outside, kept = "16aE + 4a + 4H", "2aE + 2a + 16", "L*aE"
         casts = ""

@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from bench.common import peak_allocated_bytes
 from conftest import launch
 from dsgpt import cli
 from dsgpt.config import load_config
@@ -179,7 +180,7 @@ def test_per_layer_activation_formula_under_autocast():
 
 @pytest.mark.parametrize("chunk", [0, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_loss_peak_matches_the_logits_formula(dtype, chunk, tmp_path):
+def test_loss_peak_matches_the_logits_formula(dtype, chunk):
     """The training loss's peak, through the model's own forward and backward (allocations recorded
     by the profiler), is logit_bytes_per_entry per vocabulary entry per token (4 in fp32, 6 in bf16)
     of the whole micro batch or of one chunk (with the chunks' head gradient), plus the rest of a
@@ -190,14 +191,11 @@ def test_loss_peak_matches_the_logits_formula(dtype, chunk, tmp_path):
     m = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=T, vocab_size=V, loss_chunk_tokens=chunk)
     model = GPT(m).to(dtype).train()
     x, y = torch.randint(0, V, (1, T)), torch.randint(0, V, (1, T))
-    with torch.profiler.profile(profile_memory=True) as prof:
+
+    def forward_and_backward():
         loss_sum, _ = model(x, targets=y)
         loss_sum.backward()
-    prof.export_chrome_trace(str(tmp_path / "trace.json"))
-    events = [e["args"] for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
-              if e.get("name") == "[memory]"]
-    before = events[0]["Total Allocated"] - events[0]["Bytes"]  # in use before the forward
-    peak = max(e["Total Allocated"] for e in events) - before
+    peak = peak_allocated_bytes(forward_and_backward, on_gpu=False)
     a = torch.finfo(dtype).bits // 8
     assert 1.0 <= peak / logits_bytes(m, T, a) <= 1.1
 

@@ -396,24 +396,51 @@ def test_chunked_loss_makes_its_gradients_in_forward():
     assert inference.count == 3
 
 
-@pytest.mark.parametrize("weights", ["fp32 under bf16 autocast", "bf16"])
-def test_chunked_loss_in_bf16_agrees_with_the_whole(weights):
-    """In bf16 the chunks' matmuls run in bf16 as the whole loss's do; the weight's gradient sums
-    the chunks in fp32, so the two agree to bf16's rounding, and gradients keep the weights' dtype."""
+# DeepSpeed's fp16 starts at a loss scale of 2**16 (initial_scale_power) and lowers it on overflow.
+FP16_LOSS_SCALE = 2.0 ** 16
+
+
+def _half_precision_grads(model, x, y, dtype, scale=1.0):
+    """The loss and the unscaled gradients of one backward of (loss / tokens) * scale, with the
+    weights in `dtype`; fp32 weights run under bf16 autocast."""
+    model = model.to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.float32):
+        loss_sum, n = model(x, targets=y)
+    ((loss_sum / n) * scale).backward()
+    return loss_sum.item(), {k: p.grad for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("weights", ["fp32 under bf16 autocast", "bf16", "fp16, loss scaled"])
+def test_chunked_loss_in_half_precision_agrees_with_the_whole(weights):
+    """In bf16 and fp16 the chunks' matmuls run in that dtype as the whole loss's do; the weight's
+    gradient sums the chunks in fp32, so the two agree to the dtype's rounding, and gradients keep
+    the weights' dtype. In fp16 the chunks make their gradients unscaled in forward (the whole loss
+    scales before casting): at DeepSpeed's first loss scale they still agree, nothing under- or
+    overflows."""
+    dtype = {"bf16": torch.bfloat16, "fp16, loss scaled": torch.float16}.get(weights, torch.float32)
+    scale = FP16_LOSS_SCALE if dtype == torch.float16 else 1.0
     whole, chunked, x, y = _chunked_pair(chunk=40)
-    dtype = torch.bfloat16 if weights == "bf16" else torch.float32
-    results = []
-    for model in (whole.to(dtype), chunked.to(dtype)):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.float32):
-            loss_sum, n = model(x, targets=y)
-        (loss_sum / n).backward()
-        results.append((loss_sum.item(), {k: p.grad for k, p in model.named_parameters()}))
-    (loss_a, grads_a), (loss_b, grads_b) = results
+    (loss_a, grads_a), (loss_b, grads_b) = (_half_precision_grads(m, x, y, dtype, scale) for m in (whole, chunked))
     assert loss_b == pytest.approx(loss_a, rel=1e-3)
     for k in grads_a:
         assert grads_b[k].dtype == dtype, k
-        scale = grads_a[k].abs().max().item()
-        torch.testing.assert_close(grads_b[k].float(), grads_a[k].float(), rtol=0, atol=2e-2 * scale, msg=k)
+        assert torch.isfinite(grads_b[k]).all(), k
+        a, b = grads_a[k].float() / scale, grads_b[k].float() / scale
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-2 * a.abs().max().item(), msg=k)
+
+
+def test_chunked_loss_in_fp16_overflows_at_the_same_loss_scale():
+    """Dynamic loss scaling halves the scale until the gradients are finite: chunks must not settle
+    on a lower scale (so fewer significant bits in the small gradients) than the whole loss."""
+    def first_overflowing_power(model):
+        for power in range(12, 32):
+            grads = _half_precision_grads(copy.deepcopy(model), x, y, torch.float16, 2.0 ** power)[1]
+            if not all(torch.isfinite(g).all() for g in grads.values()):
+                return power
+        raise AssertionError("no loss scale up to 2**31 overflowed")
+
+    whole, chunked, x, y = _chunked_pair(chunk=40)
+    assert first_overflowing_power(chunked) == first_overflowing_power(whole)
 
 
 def test_dropout_eval_deterministic_train_random():

@@ -251,10 +251,13 @@ def logit_bytes_per_entry(a: int) -> int:
 def logits_bytes(m: GPTConfig, tokens: int, a: int) -> int:
     """The loss's peak over the whole micro batch or, with model.loss_chunk_tokens, over one chunk at
     a time (`logit_bytes_per_entry` per vocabulary entry per token) plus `chunk_head_gradient_bytes`."""
-    chunk = m.loss_chunk_tokens
-    if not chunk:
-        return logit_bytes_per_entry(a) * m.vocab_size * tokens
-    return logit_bytes_per_entry(a) * m.vocab_size * min(chunk, tokens) + chunk_head_gradient_bytes(m, a)
+    logits = logit_bytes_per_entry(a) * m.vocab_size * logit_tokens(m, tokens)
+    return logits + chunk_head_gradient_bytes(m, a) if m.loss_chunk_tokens else logits
+
+
+def logit_tokens(m: GPTConfig, tokens: int) -> int:
+    """How many tokens' logits the loss holds at once: the micro batch's, or one chunk's."""
+    return min(m.loss_chunk_tokens, tokens) if m.loss_chunk_tokens else tokens
 
 
 def chunk_head_gradient_bytes(m: GPTConfig, a: int) -> int:
@@ -537,10 +540,9 @@ def _explain(p: Plan) -> list[str]:
     tokens = best.micro * T
     body = activation_bytes_per_token(m, a, best.checkpointing, r)
     block = block_bytes_per_token(m, a, r)
-    logit_tokens = min(m.loss_chunk_tokens, tokens) if m.loss_chunk_tokens else tokens
     logits = logits_bytes(m, tokens, a)
     lv = f"{logit_bytes_per_entry(a)}V"
-    loss = f"{lv} x {logit_tokens:,} logit tokens"
+    loss = f"{lv} x {logit_tokens(m, tokens):,} logit tokens"
     if m.loss_chunk_tokens:
         loss += f" + head gradient {chunk_head_gradient_bytes(m, a):,}"
     if r == a:
